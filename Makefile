@@ -1,0 +1,28 @@
+# The two commands a new user runs (see README):  make demo   and   make test
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install demo test system-deps bench
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[all]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# A real 2-process DDP run of the tutorial CNN on the embedded real digits; prints test accuracy.
+demo: install
+	$(VENV)/bin/torchrun --nproc_per_node 2 -m dist_train train configs/cnn_digits.yaml train.progress_bar=false
+
+# System packages some tests need (Slurm and munge for the real-cluster tests); a no-op when present.
+system-deps:
+	bash tests/install_system_deps.sh
+
+test: install system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/run_all.py

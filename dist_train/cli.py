@@ -1,0 +1,116 @@
+"""`dist-train` / `python -m dist_train`: argument parsing only; the work happens in the modules it calls.
+
+  dist-train train CONFIG [section.key=value ...]       train (plain process, torchrun, srun, accelerate)
+  dist-train eval CONFIG checkpoint=PATH [overrides]    evaluate a checkpoint
+  dist-train export CHECKPOINT --out model.pt           plain state_dict for the tutorial model
+  dist-train data prepare --source NAME --out DIR       write webdataset shards + manifest
+  dist-train data inspect DIR                           summarise a manifest, verify checksums
+  dist-train launch --nproc-per-node N CONFIG [...]     build and run the torchrun command
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from .config import ConfigError, describe_keys
+
+EXIT_CONFIG_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML preset, e.g. configs/cnn_digits.yaml")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=3 optim.lr=0.1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dist-train",
+        description="Train tutorial-sized PyTorch models on 1..N processes with DDP or DeepSpeed ZeRO.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Config keys (set any with section.key=value):\n" + "\n".join(describe_keys()),
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a model from a YAML preset", description="Train. Runs unchanged under torchrun, srun and accelerate launch.")
+    _add_config_args(train)
+
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint", description="Evaluate a checkpoint on the config's eval split: dist-train eval CONFIG checkpoint=PATH")
+    _add_config_args(evaluate)
+
+    export = sub.add_parser("export", help="write a plain state_dict from a checkpoint", description="Turn a dist_train checkpoint (DCP or DeepSpeed) into the tutorial's plain state_dict.")
+    export.add_argument("checkpoint", help="a step-N checkpoint directory, or an output_dir (its newest checkpoint)")
+    export.add_argument("--out", required=True, help="file to write, e.g. model.pt")
+    export.add_argument("--tutorial-dict", metavar="PATH", help="also write the tutorial's checkpoint dict (epoch, model_state_dict, optimizer_state_dict, loss)")
+
+    data = sub.add_parser("data", help="prepare and inspect webdataset shards")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    prepare = data_sub.add_parser("prepare", help="write a data source as webdataset shards with a manifest")
+    prepare.add_argument("--source", required=True, help="digits | synthetic_linear | random | fashion_mnist | mnist | cifar10 | image_folder")
+    prepare.add_argument("--root", help="dataset root for on-disk sources")
+    prepare.add_argument("--out", required=True, help="output directory (DIR/train, DIR/test)")
+    prepare.add_argument("--samples-per-shard", type=int, default=256, help="samples per tar shard")
+    prepare.add_argument("--image-size", type=int, help="resize images to this height/width before writing")
+    prepare.add_argument("--download", action="store_true", help="download torchvision sets when missing (needs network)")
+    inspect = data_sub.add_parser("inspect", help="print a shard directory's manifest summary and verify checksums")
+    inspect.add_argument("path", help="shard directory (with manifest.json) or its parent")
+
+    launch = sub.add_parser("launch", help="build and run a torchrun command", description="A thin torchrun wrapper: single- or multi-node with c10d rendezvous.")
+    launch.add_argument("--nproc-per-node", type=int, default=1)
+    launch.add_argument("--nnodes", default="1")
+    launch.add_argument("--node-rank", type=int, default=0)
+    launch.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous (multi-node)")
+    launch.add_argument("--rdzv-id", default=None, help="job id shared by all nodes")
+    launch.add_argument("--max-restarts", type=int, default=0, help="elastic restarts; each restart resumes from the newest checkpoint")
+    launch.add_argument("--dry-run", action="store_true", help="print the torchrun command instead of running it")
+    _add_config_args(launch)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as e:
+        print(f"dist-train: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except Exception as e:  # user-facing errors from other modules carry their own clear message
+        from .errors import user_facing_message
+
+        message = user_facing_message(e)
+        if message is None:
+            raise
+        print(f"dist-train: error: {message}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from .run import train
+
+        return train(args.config, args.overrides)
+    if args.command == "eval":
+        from .run import evaluate
+
+        return evaluate(args.config, args.overrides)
+    if args.command == "export":
+        from .export import export_checkpoint
+
+        return export_checkpoint(args.checkpoint, args.out, args.tutorial_dict)
+    if args.command == "data":
+        from .data import shards
+
+        if args.data_command == "prepare":
+            return shards.prepare_command(args)
+        return shards.inspect_command(args)
+    if args.command == "launch":
+        from .launch import launch_command
+
+        return launch_command(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

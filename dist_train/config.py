@@ -1,0 +1,333 @@
+"""The typed config tree: YAML preset + `section.key=value` overrides -> validated dataclasses.
+
+Every field carries a one-line `help` that doubles as documentation (`dist-train config --help-keys`).
+Validation errors are `ConfigError`s whose message names the key and what to set it to; the CLI prints
+them as one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem the user fixes by editing a key; the message names that key."""
+
+
+def _f(default: Any, help: str, **kwargs: Any) -> Any:
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+def _section(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("cnn", "registered model (linear_regression, two_layer_net, mlp, cnn, lenet, resnet18) or 'package.module:ClassName'")
+    kwargs: dict = _f({}, "keyword arguments for a model given by import path")
+    num_classes: int = _f(10, "output classes of classifiers (resnet18 gets a new fc of this size)")
+    input_shape: Optional[list] = _f(None, "input shape without batch, e.g. [1, 28, 28]; needed only for models given by import path")
+    task: Optional[Literal["classification", "regression"]] = _f(None, "loss/metrics family; needed only for models given by import path")
+    freeze_backbone: bool = _f(False, "resnet18: train only the new fc layer (the tutorial's fixed feature extractor)")
+    weights: Optional[str] = _f(None, "local file with pretrained weights (a state_dict); never downloaded at run time")
+    image_size: Optional[int] = _f(None, "resnet18: input height/width (default 32 on digits, 224 in the tutorial)")
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("digits", "digits | synthetic_linear | random | fashion_mnist | mnist | cifar10 | image_folder | shards")
+    path: Optional[str] = _f(None, "dataset root (torchvision formats, image folder) or shard directory (source=shards)")
+    download: bool = _f(False, "torchvision sources: download into data.path when missing (needs network)")
+    num_samples: int = _f(1024, "synthetic_linear / random: number of generated samples")
+    test_fraction: float = _f(0.2, "digits, synthetic and image folder: held-out fraction for evaluation")
+    num_workers: int = _f(0, "DataLoader worker processes per rank")
+    shuffle: bool = _f(True, "shuffle the training order every epoch (deterministic in train.seed and the epoch)")
+    shuffle_buffer: int = _f(1024, "source=shards: in-memory shuffle window in samples")
+    skip_bad_samples: bool = _f(False, "source=shards: skip (and count) samples that fail to decode instead of stopping")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adam", "adamw"] = _f("sgd", "optimizer")
+    lr: float = _f(0.01, "peak learning rate")
+    momentum: float = _f(0.0, "SGD momentum")
+    weight_decay: float = _f(0.0, "weight decay")
+    betas: list = _f([0.9, 0.999], "Adam/AdamW betas")
+    schedule: Literal["constant", "cosine", "linear", "step"] = _f("constant", "LR schedule after warmup")
+    warmup_steps: int = _f(0, "linear warmup length in optimizer steps")
+    step_size: int = _f(1000, "schedule=step: optimizer steps between decays")
+    gamma: float = _f(0.1, "schedule=step: decay factor")
+    min_lr_ratio: float = _f(0.0, "cosine/linear: final lr as a fraction of optim.lr")
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = _f(64, "samples per optimizer step over all ranks; accumulation is derived from it")
+    micro_batch_size: int = _f(32, "samples per forward/backward on one rank")
+    epochs: int = _f(1, "passes over the training split")
+    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (overrides epochs when reached first)")
+    grad_clip: Optional[float] = _f(None, "clip the global gradient norm to this value; null disables")
+    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "fp32, bf16 autocast, or fp16 autocast with loss scaling")
+    seed: int = _f(0, "seed for model init, data order and every rank's RNG")
+    eval_interval: int = _f(0, "evaluate every N optimizer steps; 0 = at the end of every epoch")
+    log_interval: int = _f(10, "log every N optimizer steps")
+    resume: Optional[str] = _f(None, "'auto' = newest complete checkpoint in output_dir, or a checkpoint path")
+    progress_bar: bool = _f(True, "tqdm progress bar on the main process")
+    deterministic: bool = _f(False, "torch.use_deterministic_algorithms for bitwise-reproducible runs")
+
+
+@dataclass
+class CheckpointConfig:
+    interval_steps: int = _f(0, "save every N optimizer steps; 0 = only at the end")
+    interval_seconds: float = _f(0.0, "also save when this many seconds passed since the last save; 0 = off")
+    keep_latest: int = _f(3, "complete checkpoints to keep; older ones are deleted after a new one is complete")
+    async_save: bool = _f(False, "DDP: write the checkpoint in the background while training continues")
+    save_at_end: bool = _f(True, "save a checkpoint when training finishes")
+
+
+@dataclass
+class StrategyConfig:
+    name: Literal["ddp", "deepspeed"] = _f("ddp", "ddp (also plain single process) or deepspeed")
+    backend: Optional[Literal["nccl", "gloo"]] = _f(None, "process group backend; default nccl on CUDA, gloo on CPU")
+    timeout_seconds: float = _f(1800.0, "collective timeout: a rank that stops answering fails the job after this")
+    find_unused_parameters: bool = _f(False, "DDP: set when some parameters get no gradient in a step")
+    zero_stage: int = _f(2, "deepspeed: ZeRO stage 1, 2 or 3")
+    deepspeed_config: Optional[str] = _f(None, "deepspeed: JSON config passed through (configs/deepspeed/*.json)")
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = _f(False, "log to Weights & Biases (offline unless WANDB_API_KEY is set)")
+    project: str = _f("dist_train", "W&B project")
+    entity: Optional[str] = _f(None, "W&B entity (team or user)")
+    run_name: Optional[str] = _f(None, "W&B run name; default: the output directory's name")
+    tags: list = _f([], "W&B tags")
+    mode: Optional[Literal["online", "offline", "disabled"]] = _f(None, "force a W&B mode; default offline without an API key")
+
+
+@dataclass
+class TensorboardConfig:
+    enabled: bool = _f(False, "write TensorBoard event files into output_dir/tensorboard")
+
+
+@dataclass
+class TrackingConfig:
+    wandb: WandbConfig = _section(WandbConfig, "Weights & Biases")
+    tensorboard: TensorboardConfig = _section(TensorboardConfig, "TensorBoard")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = _section(ModelConfig, "which model to train")
+    data: DataConfig = _section(DataConfig, "where samples come from")
+    optim: OptimConfig = _section(OptimConfig, "optimizer and LR schedule")
+    train: TrainConfig = _section(TrainConfig, "the loop: batch arithmetic, precision, length")
+    checkpoint: CheckpointConfig = _section(CheckpointConfig, "when and how checkpoints are written")
+    strategy: StrategyConfig = _section(StrategyConfig, "distributed backend")
+    tracking: TrackingConfig = _section(TrackingConfig, "experiment tracking")
+    output_dir: str = _f("runs/default", "run directory: resolved config, checkpoints, logs, final model")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: Optional[str | Path] = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Preset YAML (optional) + `a.b=value` overrides -> validated Config."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass a YAML preset such as configs/cnn_digits.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _build(Config, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict) -> Config:
+    cfg = _build(Config, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.epochs=3)")
+    key, value_text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(value_text) if value_text != "" else None
+    except yaml.YAMLError:
+        value = value_text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{item}': {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        key = prefix + unknown[0]
+        known = ", ".join(prefix + k for k in fields)
+        raise ConfigError(f"unknown config key '{key}'; known keys here: {known}")
+    values = {}
+    for name, value in raw.items():
+        values[name] = _coerce(hints[name], value, prefix + name)
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            choices = " | ".join(str(a) for a in args)
+            raise ConfigError(f"{key}={value!r} is not allowed; set {key} to one of: {choices}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{key} must be a mapping, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        raise ConfigError(f"{key} must be a list, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no knowledge of the world size (that one lives in `batch_arithmetic`)."""
+    t = cfg.train
+    if t.micro_batch_size <= 0:
+        raise ConfigError(f"train.micro_batch_size must be positive, got {t.micro_batch_size}")
+    if t.global_batch_size <= 0:
+        raise ConfigError(f"train.global_batch_size must be positive, got {t.global_batch_size}")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size="
+            f"{t.micro_batch_size}; set train.global_batch_size to a multiple of {t.micro_batch_size}"
+        )
+    if t.epochs <= 0 and t.max_steps is None:
+        raise ConfigError("train.epochs must be positive (or set train.max_steps)")
+    if t.max_steps is not None and t.max_steps <= 0:
+        raise ConfigError(f"train.max_steps must be positive, got {t.max_steps}")
+    if t.grad_clip is not None and t.grad_clip <= 0:
+        raise ConfigError(f"train.grad_clip must be positive or null, got {t.grad_clip}")
+    if t.log_interval <= 0:
+        raise ConfigError(f"train.log_interval must be positive, got {t.log_interval}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    if not 0.0 < cfg.data.test_fraction < 1.0:
+        raise ConfigError(f"data.test_fraction must be between 0 and 1, got {cfg.data.test_fraction}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    if cfg.strategy.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"strategy.zero_stage must be 1, 2 or 3, got {cfg.strategy.zero_stage}")
+    if cfg.checkpoint.keep_latest < 1:
+        raise ConfigError(f"checkpoint.keep_latest must be at least 1, got {cfg.checkpoint.keep_latest}")
+    if ":" in cfg.model.name and (cfg.model.input_shape is None or cfg.model.task is None):
+        raise ConfigError(
+            f"model.name={cfg.model.name} is an import path; also set model.input_shape (e.g. [1,28,28]) "
+            "and model.task (classification or regression)"
+        )
+
+
+@dataclass(frozen=True)
+class BatchArithmetic:
+    global_batch_size: int
+    micro_batch_size: int
+    world_size: int
+    grad_accum_steps: int
+
+    @property
+    def per_rank_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps
+
+    def describe(self) -> str:
+        return (
+            f"global batch {self.global_batch_size} = micro batch {self.micro_batch_size} x "
+            f"{self.world_size} ranks x {self.grad_accum_steps} accumulation steps"
+        )
+
+
+def batch_arithmetic(train: TrainConfig, world_size: int) -> BatchArithmetic:
+    per_step = train.micro_batch_size * world_size
+    if train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={train.global_batch_size} is not divisible by train.micro_batch_size="
+            f"{train.micro_batch_size} x world size {world_size} = {per_step}; set train.global_batch_size "
+            f"to a multiple of {per_step} or change train.micro_batch_size"
+        )
+    return BatchArithmetic(train.global_batch_size, train.micro_batch_size, world_size, train.global_batch_size // per_step)
+
+
+def describe_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """`key (default): help` lines for every field, for --help output."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.extend(describe_keys(tp, prefix + f.name + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"  {prefix}{f.name} (default {default!r}): {f.metadata.get('help', '')}")
+    return lines

@@ -1,0 +1,58 @@
+"""Data: sources -> (train loader, eval loader) with exact distributed batching.
+
+`build_data` is the one entry point the trainer uses. Every train loader yields, per optimizer step, this
+rank's list of `grad_accum_steps` micro-batches, and has `steps_per_epoch`, `set_epoch`, `state_dict`
+and `load_state_dict` (its position: epoch and samples consumed this epoch over all ranks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import BatchArithmetic, Config
+from ..env import DistEnv
+from ..models import ModelSpec
+from .loader import EvalLoader, GlobalBatchPlan, MapStyleTrainLoader, build_map_style
+from .sources import SOURCES, SourceData, Split, load_source
+
+
+@dataclass
+class DataBundle:
+    train: Any  # MapStyleTrainLoader or the streaming shard loader: same interface
+    eval: Any
+    num_train_samples: int
+    num_eval_samples: int
+
+
+def build_data(cfg: Config, spec: ModelSpec, arithmetic: BatchArithmetic, dist_env: DistEnv) -> DataBundle:
+    if cfg.data.source == "shards":
+        from .streaming import build_streaming  # noqa: PLC0415 (optional path, keeps import light)
+
+        return build_streaming(cfg, spec, arithmetic, dist_env)
+    source = load_source(cfg.data, spec)
+    train, evaluation = build_map_style(
+        source.train,
+        source.test,
+        spec.input_shape,
+        images=source.kind == "image",
+        arithmetic=arithmetic,
+        dist_env=dist_env,
+        seed=cfg.train.seed,
+        shuffle=cfg.data.shuffle,
+        num_workers=cfg.data.num_workers,
+    )
+    return DataBundle(train, evaluation, len(source.train), len(source.test))
+
+
+__all__ = [
+    "DataBundle",
+    "EvalLoader",
+    "GlobalBatchPlan",
+    "MapStyleTrainLoader",
+    "SOURCES",
+    "SourceData",
+    "Split",
+    "build_data",
+    "load_source",
+]

@@ -1,0 +1,208 @@
+"""Exact distributed batching for in-memory splits.
+
+The plan is global: each epoch is one seeded permutation of the split, cut into global batches; rank r
+takes the r-th contiguous slice of every global batch and cuts it into micro-batches. So the samples
+that make up optimizer step k do not depend on the world size or on accumulation, every rank runs the
+same number of steps, and a position is just "samples consumed this epoch" (a multiple of the global
+batch) which means the same thing on any number of ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import BatchArithmetic, ConfigError
+from ..env import DistEnv
+from .sources import Split
+from .transforms import adapt_images
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class GlobalBatchPlan:
+    num_samples: int
+    global_batch_size: int
+    seed: int
+    shuffle: bool = True
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch_size
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        """Samples left over after the last full global batch; a different subset every epoch when shuffling."""
+        return self.num_samples % self.global_batch_size
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def rank_slice(self, order: torch.Tensor, step: int, rank: int, world_size: int) -> torch.Tensor:
+        per_rank = self.global_batch_size // world_size
+        start = step * self.global_batch_size + rank * per_rank
+        return order[start : start + per_rank]
+
+
+class InMemoryDataset(Dataset):
+    """Samples held as tensors; `__getitems__` lets the DataLoader fetch a whole batch with one index op."""
+
+    def __init__(self, split: Split, input_shape: tuple[int, ...], images: bool) -> None:
+        self.split = split
+        self.input_shape = input_shape
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> Batch:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: list[int]) -> Batch:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        inputs = self.split.inputs[idx]
+        inputs = adapt_images(inputs, self.input_shape) if self.images else inputs.float()
+        return inputs, self.split.targets[idx]
+
+
+def _identity(batch: Batch) -> Batch:
+    return batch
+
+
+class MapStyleTrainLoader:
+    """Yields, per optimizer step, the list of this rank's micro-batches; resumable at step granularity."""
+
+    def __init__(
+        self,
+        dataset: InMemoryDataset,
+        plan: GlobalBatchPlan,
+        arithmetic: BatchArithmetic,
+        dist_env: DistEnv,
+        num_workers: int = 0,
+    ) -> None:
+        if plan.steps_per_epoch == 0:
+            raise ConfigError(
+                f"train.global_batch_size={plan.global_batch_size} is larger than the training split "
+                f"({plan.num_samples} samples); lower train.global_batch_size"
+            )
+        self.dataset = dataset
+        self.plan = plan
+        self.arithmetic = arithmetic
+        self.dist_env = dist_env
+        self.num_workers = num_workers
+        self.epoch = 0
+        self.samples_consumed = 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        return self.plan.dropped_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.samples_consumed = 0
+
+    def _micro_batch_indices(self, start_step: int) -> Iterator[list[int]]:
+        order = self.plan.epoch_order(self.epoch)
+        micro = self.arithmetic.micro_batch_size
+        for step in range(start_step, self.steps_per_epoch):
+            rank_indices = self.plan.rank_slice(order, step, self.dist_env.global_rank, self.dist_env.world_size)
+            for m in range(self.arithmetic.grad_accum_steps):
+                yield rank_indices[m * micro : (m + 1) * micro].tolist()
+
+    def __iter__(self) -> Iterator[list[Batch]]:
+        start_step = self.samples_consumed // self.plan.global_batch_size
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=list(self._micro_batch_indices(start_step)),
+            collate_fn=_identity,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
+        accum = self.arithmetic.grad_accum_steps
+        step_batches: list[Batch] = []
+        for micro_batch in loader:
+            step_batches.append(micro_batch)
+            if len(step_batches) == accum:
+                # Count the step before handing it out: a checkpoint taken after this step resumes after it.
+                self.samples_consumed += self.plan.global_batch_size
+                yield step_batches
+                step_batches = []
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "samples_consumed": self.samples_consumed,
+            "global_batch_size": self.plan.global_batch_size,
+            "num_samples": self.plan.num_samples,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("global_batch_size", self.plan.global_batch_size) != self.plan.global_batch_size:
+            raise ConfigError(
+                f"the checkpoint was written with train.global_batch_size={state['global_batch_size']}; "
+                f"resume with the same value (now {self.plan.global_batch_size})"
+            )
+        if state.get("num_samples", self.plan.num_samples) != self.plan.num_samples:
+            raise ConfigError(
+                f"the checkpoint's training split had {state['num_samples']} samples, this one has "
+                f"{self.plan.num_samples}; resume on the same data (data.source / data.path)"
+            )
+        self.epoch = int(state["epoch"])
+        self.samples_consumed = int(state["samples_consumed"])
+
+
+class EvalLoader:
+    """Every eval sample exactly once over all ranks; ranks get equal batch counts (padding has weight 0).
+
+    Equal counts matter for ZeRO-3, whose forward gathers parameters collectively on every rank.
+    """
+
+    def __init__(self, dataset: InMemoryDataset, batch_size: int, dist_env: DistEnv) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.dist_env = dist_env
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        n, world, rank = len(self.dataset), self.dist_env.world_size, self.dist_env.global_rank
+        per_rank = -(-n // world)
+        indices = torch.arange(rank * per_rank, (rank + 1) * per_rank)
+        weights = (indices < n).float()
+        indices = torch.where(indices < n, indices, torch.zeros_like(indices))
+        for start in range(0, per_rank, self.batch_size):
+            idx = indices[start : start + self.batch_size]
+            inputs, targets = self.dataset.__getitems__(idx.tolist())
+            yield inputs, targets, weights[start : start + self.batch_size]
+
+
+def build_map_style(
+    train: Split,
+    test: Split,
+    input_shape: tuple[int, ...],
+    images: bool,
+    arithmetic: BatchArithmetic,
+    dist_env: DistEnv,
+    seed: int,
+    shuffle: bool,
+    num_workers: int,
+    eval_batch_size: Optional[int] = None,
+) -> tuple[MapStyleTrainLoader, EvalLoader]:
+    plan = GlobalBatchPlan(len(train), arithmetic.global_batch_size, seed, shuffle)
+    train_loader = MapStyleTrainLoader(InMemoryDataset(train, input_shape, images), plan, arithmetic, dist_env, num_workers)
+    eval_loader = EvalLoader(InMemoryDataset(test, input_shape, images), eval_batch_size or max(arithmetic.micro_batch_size, 256), dist_env)
+    return train_loader, eval_loader

@@ -1,0 +1,78 @@
+"""What `dist-train train` and `dist-train eval` do: config -> env -> trainer, torn down in `finally`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .config import Config, load_config
+from .env import backend_for, destroy_process_group, detect_environment, init_process_group
+
+EXIT_INTERRUPTED = 130
+
+
+def _start(config_path: str, overrides: Sequence[str]) -> tuple[Config, object]:
+    cfg = load_config(config_path, overrides)
+    dist_env = detect_environment()
+    backend = backend_for(dist_env, cfg.strategy.backend)
+    init_process_group(dist_env, backend, cfg.strategy.timeout_seconds)
+    return cfg, dist_env
+
+
+def train(config_path: str, overrides: Sequence[str]) -> int:
+    from .trainer import Trainer, TrainingInterrupted
+
+    cfg, dist_env = _start(config_path, overrides)
+    trainer = None
+    try:
+        if dist_env.is_main:
+            out = Path(cfg.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(cfg.to_yaml())
+            print("resolved config:\n" + cfg.to_yaml(), flush=True)
+        trainer = Trainer.build(cfg, dist_env)
+        summary = trainer.fit()
+        if dist_env.is_main:
+            accuracy = summary["eval"].get("eval/accuracy")
+            final = f"test accuracy {accuracy:.4f}" if accuracy is not None else f"test loss {summary['eval']['eval/loss']:.6f}"
+            print(f"done: {summary['optimizer_steps']} optimizer steps, {final}; outputs in {cfg.output_dir}", flush=True)
+        return 0
+    except TrainingInterrupted as e:
+        if dist_env.is_main:
+            print(f"dist-train: interrupted: {e}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    finally:
+        if trainer is not None:
+            trainer.close()
+        destroy_process_group()
+
+
+def evaluate(config_path: str, overrides: Sequence[str]) -> int:
+    from .trainer import Trainer
+
+    checkpoint = [o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint=")]
+    rest = [o for o in overrides if not o.startswith("checkpoint=")]
+    if not checkpoint:
+        from .config import ConfigError
+
+        raise ConfigError("dist-train eval needs checkpoint=PATH (a step-N directory or an output_dir)")
+    cfg, dist_env = _start(config_path, [*rest, f"train.resume={checkpoint[0]}"])
+    trainer = None
+    try:
+        trainer = Trainer.build(cfg, dist_env)
+        path = trainer.checkpointer.resume(cfg.train.resume, trainer.stateful())
+        if path is None:
+            from .config import ConfigError
+
+            raise ConfigError(f"checkpoint={checkpoint[0]}: no complete checkpoint found")
+        metrics = trainer.evaluate()
+        if dist_env.is_main:
+            import json
+
+            print(json.dumps({"checkpoint": str(path), **metrics}), flush=True)
+        return 0
+    finally:
+        if trainer is not None:
+            trainer.close()
+        destroy_process_group()

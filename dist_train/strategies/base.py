@@ -1,0 +1,145 @@
+"""The strategy contract: everything that differs between DDP and DeepSpeed, and nothing else.
+
+A strategy wraps the model and optimizer, runs backward, owns the no-gradient-sync context used during
+accumulation, steps the optimizer (with clipping and loss scaling), offers the collectives the trainer
+needs for metrics, and does checkpoint I/O in its backend's format. The trainer loop is the same code
+for every strategy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ContextManager, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import BatchArithmetic, Config, ConfigError
+from ..env import DistEnv
+
+
+@dataclass
+class StepResult:
+    grad_norm: torch.Tensor  # global norm before clipping (0-dim tensor; no host sync forced)
+    skipped: bool  # fp16 overflow: the optimizer did not step (same answer on every rank)
+
+
+def autocast_dtype(precision: str) -> Optional[torch.dtype]:
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def check_precision_supported(precision: str, device: torch.device) -> None:
+    """Refuse, before any training, a precision this device cannot run."""
+    if precision == "fp32":
+        return
+    dtype = autocast_dtype(precision)
+    if device.type == "cuda":
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"train.precision=bf16 is not supported on {torch.cuda.get_device_name(device)}; set train.precision=fp16 or fp32")
+        return
+    try:
+        with torch.autocast(device_type=device.type, dtype=dtype):
+            probe = torch.nn.functional.linear(torch.ones(2, 2), torch.ones(2, 2))
+        if probe.dtype != dtype:
+            raise RuntimeError(f"autocast produced {probe.dtype}")
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"train.precision={precision} cannot run on {device.type} with torch {torch.__version__} ({e}); set train.precision=fp32") from None
+
+
+class Strategy(ABC):
+    name = "base"
+
+    def __init__(self, cfg: Config, dist_env: DistEnv, arithmetic: BatchArithmetic) -> None:
+        self.cfg = cfg
+        self.dist_env = dist_env
+        self.arithmetic = arithmetic
+        self.device = dist_env.torch_device
+        self.model: Any = None  # the wrapped model the loop calls
+        self.optimizer: Any = None
+        self.scheduler: Any = None
+
+    # ------------------------------------------------------------ setup
+
+    @abstractmethod
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        """Move to device and wrap; afterwards `self.model`, `self.optimizer`, `self.scheduler` are the ones to use."""
+
+    @property
+    @abstractmethod
+    def unwrapped_model(self) -> nn.Module:
+        """The user's nn.Module (its state_dict keys are the tutorial's)."""
+
+    @property
+    def steps_scheduler(self) -> bool:
+        """True when the backend steps the LR scheduler itself (DeepSpeed with a JSON scheduler)."""
+        return False
+
+    # ------------------------------------------------------------ the loop
+
+    def autocast(self) -> ContextManager:
+        dtype = autocast_dtype(self.cfg.train.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    @abstractmethod
+    def accumulation_context(self, is_last_micro_batch: bool) -> ContextManager:
+        """No gradient sync on all but the last micro-batch of an optimizer step."""
+
+    @abstractmethod
+    def backward(self, micro_batch_loss: torch.Tensor, is_last_micro_batch: bool) -> None:
+        """`micro_batch_loss` is the mean over one micro-batch; the strategy normalises over the global batch."""
+
+    @abstractmethod
+    def optimizer_step(self) -> StepResult:
+        """Clip, step, zero the gradients; called once per optimizer step, after the last micro-batch."""
+
+    def eval_forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.unwrapped_model(inputs)
+
+    def train_mode(self, training: bool) -> None:
+        self.unwrapped_model.train(training)
+
+    # ------------------------------------------------------------ collectives
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.dist_env.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.dist_env.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.dist_env.distributed:
+            dist.barrier()
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        if not self.dist_env.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    # ------------------------------------------------------------ checkpoints
+
+    @abstractmethod
+    def save_checkpoint(self, directory: Path, extra_state: dict) -> None:
+        """Collective: every rank calls it; writes model, optimizer, scheduler and `extra_state` under `directory`."""
+
+    @abstractmethod
+    def load_checkpoint(self, directory: Path, extra_state: dict) -> None:
+        """Collective: restores into the wrapped objects and into the stateful objects of `extra_state`."""
+
+    @abstractmethod
+    def full_model_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: the complete model state_dict on CPU (tutorial keys), valid on the main process."""
+
+    def teardown(self) -> None:
+        """Release backend resources (the process group is destroyed by the caller)."""

@@ -1,0 +1,81 @@
+"""DDP (and plain single-process) strategy: NCCL on CUDA, gloo on CPU."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any, ContextManager
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .base import StepResult, Strategy
+
+
+class DDPStrategy(Strategy):
+    name = "ddp"
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        model.to(self.device)
+        self._module = model
+        if self.dist_env.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(
+                model, device_ids=device_ids, find_unused_parameters=self.cfg.strategy.find_unused_parameters
+            )
+        else:
+            self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        # fp16 needs loss scaling; bf16 has fp32's range and does not.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.train.precision == "fp16")
+        self._params = [p for p in model.parameters() if p.requires_grad]
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        return self._module
+
+    def accumulation_context(self, is_last_micro_batch: bool) -> ContextManager:
+        if self.dist_env.distributed and not is_last_micro_batch:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, micro_batch_loss: torch.Tensor, is_last_micro_batch: bool) -> None:
+        # DDP averages over ranks; dividing by the accumulation count makes the sum over micro-batches a mean,
+        # so the gradient is the mean over the whole global batch, as with one big batch on one process.
+        loss = micro_batch_loss / self.arithmetic.grad_accum_steps
+        self.scaler.scale(loss).backward()
+
+    def optimizer_step(self) -> StepResult:
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip is not None else math.inf
+        # After DDP's all-reduce every rank holds the same gradients, so every rank sees the same inf/nan
+        # and the scaler skips the same steps everywhere.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
+        skipped = False
+        if self.scaler.is_enabled():
+            scale_before = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            skipped = self.scaler.get_scale() < scale_before
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(grad_norm.detach(), skipped)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, directory: Path, extra_state: dict) -> None:
+        from ..checkpoint import dcp_save
+
+        dcp_save(self, directory, extra_state)
+
+    def load_checkpoint(self, directory: Path, extra_state: dict) -> None:
+        from ..checkpoint import dcp_load
+
+        dcp_load(self, directory, extra_state)
+
+    def full_model_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", copy=True) for k, v in self._module.state_dict().items()}

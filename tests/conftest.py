@@ -1,0 +1,19 @@
+"""Shared fixtures: each test gets a clean environment (no launcher variables) and no process group."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_", "TORCHELASTIC", "ACCELERATE_", "GROUP_RANK", "LOCAL_WORLD_SIZE")):
+            monkeypatch.delenv(key, raising=False)
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
