@@ -82,8 +82,10 @@ class TrainConfig:
     eval_interval: int = _f(0, "evaluate every N optimizer steps; 0 = at the end of every epoch")
     log_interval: int = _f(10, "log every N optimizer steps")
     resume: Optional[str] = _f(None, "'auto' = newest complete checkpoint in output_dir, or a checkpoint path")
+    stop_at_step: Optional[int] = _f(None, "stop after this optimizer step, saving a checkpoint, as a preemption would (the LR schedule is unchanged)")
     progress_bar: bool = _f(True, "tqdm progress bar on the main process")
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms for bitwise-reproducible runs")
+    preemption_signal: str = _f("SIGUSR2", "signal that asks for checkpoint + stop (+ requeue under Slurm), besides SIGTERM/SIGINT; match sbatch --signal (not USR1: NCCL may use it)")
 
 
 @dataclass
@@ -270,6 +272,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.epochs must be positive (or set train.max_steps)")
     if t.max_steps is not None and t.max_steps <= 0:
         raise ConfigError(f"train.max_steps must be positive, got {t.max_steps}")
+    if t.stop_at_step is not None and t.stop_at_step <= 0:
+        raise ConfigError(f"train.stop_at_step must be positive or null, got {t.stop_at_step}")
     if t.grad_clip is not None and t.grad_clip <= 0:
         raise ConfigError(f"train.grad_clip must be positive or null, got {t.grad_clip}")
     if t.log_interval <= 0:

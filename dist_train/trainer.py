@@ -248,7 +248,8 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         """All ranks must stop at the same step, or the next collective hangs: max-reduce the local flag."""
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.strategy.device)
+        stop = self.stop_requested or self.progress.optimizer_step == self.cfg.train.stop_at_step
+        flag = torch.tensor([1.0 if stop else 0.0], device=self.strategy.device)
         return bool(self.strategy.all_reduce_max(flag).item())
 
     def _log(self, window: "_Window", bar: Any) -> None:

@@ -130,8 +130,11 @@ class Strategy(ABC):
     # ------------------------------------------------------------ checkpoints
 
     @abstractmethod
-    def save_checkpoint(self, directory: Path, extra_state: dict) -> None:
-        """Collective: every rank calls it; writes model, optimizer, scheduler and `extra_state` under `directory`."""
+    def save_checkpoint(self, directory: Path, extra_state: dict) -> Any:
+        """Collective: every rank calls it; writes model, optimizer, scheduler and `extra_state` under `directory`.
+
+        Returns None when the files are written, or a Future that completes (on the main process) once every
+        rank's files are written (background save); the Checkpointer marks the directory complete after that."""
 
     @abstractmethod
     def load_checkpoint(self, directory: Path, extra_state: dict) -> None:

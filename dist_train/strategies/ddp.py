@@ -67,10 +67,10 @@ class DDPStrategy(Strategy):
 
     # ------------------------------------------------------------ checkpoints
 
-    def save_checkpoint(self, directory: Path, extra_state: dict) -> None:
+    def save_checkpoint(self, directory: Path, extra_state: dict) -> Any:
         from ..checkpoint import dcp_save
 
-        dcp_save(self, directory, extra_state)
+        return dcp_save(self, directory, extra_state)  # a Future with checkpoint.async_save
 
     def load_checkpoint(self, directory: Path, extra_state: dict) -> None:
         from ..checkpoint import dcp_load
