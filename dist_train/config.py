@@ -54,6 +54,7 @@ class DataConfig:
     shuffle: bool = _f(True, "shuffle the training order every epoch (deterministic in train.seed and the epoch)")
     shuffle_buffer: int = _f(1024, "source=shards: in-memory shuffle window in samples")
     skip_bad_samples: bool = _f(False, "source=shards: skip (and count) samples that fail to decode instead of stopping")
+    shard_urls: Optional[str] = _f(None, "source=shards: read shards from here instead of data.path/{split}/ (manifests stay in data.path): a brace pattern or pipe: command, {split} = train|test, e.g. 'pipe:cat /mnt/d/{split}/{split}-{000000..000005}.tar'")
 
 
 @dataclass
@@ -115,6 +116,8 @@ class WandbConfig:
     run_name: Optional[str] = _f(None, "W&B run name; default: the output directory's name")
     tags: list = _f([], "W&B tags")
     mode: Optional[Literal["online", "offline", "disabled"]] = _f(None, "force a W&B mode; default offline without an API key")
+    dir: Optional[str] = _f(None, "folder W&B writes its wandb/ run files into; default output_dir")
+    init_timeout_seconds: float = _f(60.0, "give up connecting to W&B after this long (online falls back to offline)")
 
 
 @dataclass
@@ -151,6 +154,13 @@ class Config:
 
 def load_config(path: Optional[str | Path] = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Preset YAML (optional) + `a.b=value` overrides -> validated Config."""
+    cfg = _build(Config, raw_config(path, overrides), prefix="")
+    validate(cfg)
+    return cfg
+
+
+def raw_config(path: Optional[str | Path] = None, overrides: typing.Sequence[str] = ()) -> dict:
+    """The preset merged with the overrides, before defaults are filled in."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -164,9 +174,17 @@ def load_config(path: Optional[str | Path] = None, overrides: typing.Sequence[st
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
         _apply_override(raw, item)
-    cfg = _build(Config, raw, prefix="")
-    validate(cfg)
-    return cfg
+    return raw
+
+
+def explicit_keys(raw: dict, prefix: str = "") -> set[str]:
+    """Dotted keys a raw config sets (as opposed to defaults); launchers' settings may fill only the others."""
+    keys = set()
+    for key, value in raw.items():
+        keys.add(prefix + key)
+        if isinstance(value, dict) and key != "kwargs":
+            keys |= explicit_keys(value, prefix + key + ".")
+    return keys
 
 
 def config_from_dict(raw: dict) -> Config:

@@ -1,26 +1,33 @@
-"""Console output and experiment trackers.
+"""Console output and experiment trackers (Weights & Biases, TensorBoard).
 
 Only the global main process gets real trackers; every other rank gets `NullTracker`, so the loop calls
-`tracker.log(...)` everywhere with no rank checks.
+`tracker.log(...)` everywhere with no rank checks. Real trackers sit behind a `TrackerGroup`, which fans
+out to each of them, keeps logged steps strictly increasing across a resume, and turns any tracker's
+failure into one warning: training never dies because W&B or TensorBoard did.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
-from .config import Config
+from .config import Config, WandbConfig
 from .env import DistEnv
 
 
 class Tracker:
     """The tracker interface; also the null tracker (every method does nothing)."""
 
+    name = "null"  # in messages
+    key = "null"  # in the checkpointed state
+
     def start(self, cfg: Config, step: int) -> None:
         """Open (or resume) the run; `step` is the optimizer step training continues from."""
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        """Record scalars at a global optimizer step."""
+        """Record scalars at a global optimizer step; a second call at the same step adds to that step."""
 
     def finish(self) -> None:
         """Flush and close."""
@@ -39,7 +46,216 @@ NullTracker = Tracker
 def build_tracker(cfg: Config, dist_env: DistEnv) -> Tracker:
     if not dist_env.is_main:
         return NullTracker()
-    return NullTracker()
+    trackers: list[Tracker] = []
+    if cfg.tracking.wandb.enabled:
+        trackers.append(WandbTracker(cfg.tracking.wandb, cfg.output_dir))
+    if cfg.tracking.tensorboard.enabled:
+        trackers.append(TensorBoardTracker(Path(cfg.output_dir) / "tensorboard"))
+    return TrackerGroup(trackers) if trackers else NullTracker()
+
+
+def warn(text: str) -> None:
+    print(f"dist_train: warning: {text}", file=sys.stderr, flush=True)
+
+
+class TrackerGroup(Tracker):
+    """Fan-out to several trackers.
+
+    Steps: within one process a step may be logged more than once (eval after train at the same optimizer
+    step lands in the same row); after a resume only steps above the last one logged before the checkpoint
+    go out, so no step is logged twice across a restart.
+    Failures: a tracker that raises is dropped with one warning and training goes on; its checkpointed
+    state is still carried forward so a later restart can continue its run.
+    """
+
+    name = key = "group"
+
+    def __init__(self, trackers: list[Tracker]) -> None:
+        self.trackers = {t.key: t for t in trackers}
+        self.last_step = -1
+        self.min_step = 0
+        self._carried_state: dict[str, dict] = {}
+
+    def start(self, cfg: Config, step: int) -> None:
+        for key in list(self.trackers):
+            self._call(key, "start", cfg, step)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if step < self.min_step:
+            return
+        self.min_step = self.last_step = step
+        for key in list(self.trackers):
+            self._call(key, "log", metrics, step)
+
+    def finish(self) -> None:
+        for key in list(self.trackers):
+            self._call(key, "finish")
+
+    def state_dict(self) -> dict:
+        state: dict = {"last_step": self.last_step, **self._carried_state}
+        for key, tracker in self.trackers.items():
+            try:
+                state[key] = tracker.state_dict()
+            except Exception as e:  # the checkpoint must not fail because a tracker did
+                warn(f"{tracker.name} tracking failed in state_dict ({type(e).__name__}: {e}); its run id is not checkpointed")
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_step = int(state.get("last_step", -1))
+        self.min_step = self.last_step + 1
+        self._carried_state = {k: v for k, v in state.items() if isinstance(v, dict) and k not in self.trackers}
+        for key in list(self.trackers):
+            if key in state:
+                self._call(key, "load_state_dict", state[key])
+
+    def _call(self, key: str, method: str, *args: Any) -> None:
+        tracker = self.trackers[key]
+        try:
+            getattr(tracker, method)(*args)
+        except Exception as e:
+            del self.trackers[key]
+            try:
+                self._carried_state[key] = tracker.state_dict()
+            except Exception:
+                pass
+            warn(f"{tracker.name} tracking failed in {method} ({type(e).__name__}: {e}); training continues without {tracker.name}")
+
+
+# ---------------------------------------------------------------- Weights & Biases
+
+
+def wandb_api_key_configured() -> bool:
+    """Whether W&B would find credentials: WANDB_API_KEY / an identity token, or `wandb login`'s netrc entry.
+
+    Only the yes/no leaves this function; the key itself is never kept, printed or written.
+    """
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    try:
+        from wandb.sdk.lib.wbauth import wbnetrc
+
+        return wbnetrc.read_netrc_auth(host=os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai") is not None
+    except Exception:  # no wandb, an unreadable netrc, or wandb's private module moved
+        return False
+
+
+_WANDB_MODE_ALIASES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
+
+
+def resolve_wandb_mode(configured: Optional[str]) -> str:
+    """tracking.wandb.mode, else W&B's own WANDB_MODE, else online exactly when an API key is configured."""
+    if configured:
+        return configured
+    env_mode = _WANDB_MODE_ALIASES.get(os.environ.get("WANDB_MODE", "").strip().lower())
+    if env_mode:
+        return env_mode
+    return "online" if wandb_api_key_configured() else "offline"
+
+
+class WandbTracker(Tracker):
+    """One W&B run per training job; its id is checkpointed and a resumed job continues that run."""
+
+    name, key = "W&B", "wandb"
+
+    def __init__(self, settings: WandbConfig, output_dir: str) -> None:
+        self.settings = settings
+        self.directory = Path(settings.dir or output_dir)
+        self.run_id: Optional[str] = None
+        self.run: Any = None
+        self.min_step = 0
+
+    def start(self, cfg: Config, step: int) -> None:
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError(f"{e}; install it with `pip install 'dist_train[tracking]'` or set tracking.wandb.enabled=false") from e
+
+        mode = resolve_wandb_mode(self.settings.mode)
+        if mode == "disabled":
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        init_args: dict[str, Any] = dict(
+            project=self.settings.project,
+            entity=self.settings.entity,
+            name=self.settings.run_name or Path(cfg.output_dir).resolve().name,
+            tags=list(self.settings.tags),
+            config=cfg.to_dict(),
+            dir=str(self.directory),
+            settings=wandb.Settings(init_timeout=self.settings.init_timeout_seconds),
+        )
+        if self.run_id:
+            # "allow", not "must": a run started offline and never synced is new to the server.
+            init_args.update(id=self.run_id, resume="allow")
+        try:
+            self.run = wandb.init(mode=mode, **init_args)
+        except Exception as e:
+            if mode != "online":
+                raise
+            warn(f"W&B online init failed ({type(e).__name__}: {e}); logging offline under {self.directory / 'wandb'}, upload later with `wandb sync`")
+            mode = "offline"
+            self.run = wandb.init(mode=mode, **init_args)
+        self.run_id = self.run.id
+        # W&B drops steps below the run's current one: online the server knows it after a resume; offline
+        # an earlier attempt that crashed after the checkpoint may have written later steps to its own file.
+        self.min_step = int(getattr(self.run, "starting_step", 0) or 0)
+        if mode == "offline" and step > 0:
+            from .wandb_offline import last_logged_step
+
+            previous = last_logged_step(self.directory / "wandb", self.run_id)
+            if previous is not None:
+                self.min_step = max(self.min_step, previous + 1)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        # An explicit step with the default commit: a second call at the same step joins that step's row;
+        # the row is written when a higher step arrives (or at finish).
+        if self.run is not None and step >= self.min_step:
+            self.run.log(dict(metrics), step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+    def state_dict(self) -> dict:
+        return {"run_id": self.run_id} if self.run_id else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.run_id = state.get("run_id") or None
+
+
+# ---------------------------------------------------------------- TensorBoard
+
+
+class TensorBoardTracker(Tracker):
+    """Scalars into OUTPUT_DIR/tensorboard with `torch.utils.tensorboard.SummaryWriter`."""
+
+    name, key = "TensorBoard", "tensorboard"
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = Path(log_dir)
+        self.writer: Any = None
+
+    def start(self, cfg: Config, step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # On a resume, events an earlier attempt wrote after the checkpoint's step are hidden by TensorBoard.
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=step + 1 if step > 0 else None)
+        self.writer.add_text("config", "```\n" + cfg.to_yaml() + "```", global_step=step)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.writer is None:
+            return
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, global_step=step)
+
+    def finish(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+# ---------------------------------------------------------------- console
 
 
 class _NullBar:
