@@ -2,7 +2,11 @@
 
 `detect_environment()` asks a few small detector classes, in priority order, which launcher started this
 process (torchrun / accelerate launch, Slurm's srun, or nothing) and turns the answer into one frozen
-`DistEnv`. Nothing else in dist_train reads os.environ for rank or world size.
+`DistEnv`. Nothing else in dist_train reads os.environ for rank or world size, restart counts or the
+settings `accelerate launch` exports; `reconcile_launcher_settings` checks the latter against the config.
+
+Priority: accelerate > torchrun > Slurm (srun, one task per process) > plain. torchrun's RANK wins over
+SLURM_PROCID, because under `srun torchrun ...` Slurm's task id numbers the node's launcher, not the process.
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ import socket
 import subprocess
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 class LaunchError(RuntimeError):
@@ -33,6 +40,9 @@ class DistEnv:
     master_port: int = 29500
     launcher: str = "plain"
     device: str = "cpu"
+    slurm_job_id: Optional[str] = None  # set inside any Slurm job (batch script, srun step, torchrun under srun)
+    restart_count: int = 0  # torchrun's elastic restarts or Slurm requeues of this job so far
+    accelerate: Optional["AccelerateSettings"] = None  # what `accelerate launch` exported from its config
 
     @property
     def is_main(self) -> bool:
@@ -45,6 +55,11 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def restarted(self) -> bool:
+        """This process belongs to a restarted (torchrun) or requeued (Slurm) job: it should resume."""
+        return self.restart_count > 0
 
     @property
     def torch_device(self) -> torch.device:
@@ -72,8 +87,22 @@ def _int(env: Mapping[str, str], key: str, default: Optional[int] = None) -> int
         raise LaunchError(f"environment variable {key}={value!r} is not an integer") from None
 
 
+def _slurm_tasks_per_node(env: Mapping[str, str]) -> Optional[int]:
+    """SLURM_NTASKS_PER_NODE, or the first entry of SLURM_TASKS_PER_NODE ("2(x2)" or "2,1")."""
+    for key in ("SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        value = env.get(key, "").split("(")[0].split(",")[0]
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def _in_slurm_step(env: Mapping[str, str]) -> bool:
+    # The batch script also sees SLURM_PROCID=0; only a task started by srun has SLURM_STEP_ID.
+    return "SLURM_PROCID" in env and "SLURM_STEP_ID" in env
+
+
 class PlainEnvironment:
-    """A process started by hand: world size 1."""
+    """A process started by hand (or a Slurm batch script without srun): world size 1."""
 
     name = "plain"
 
@@ -87,7 +116,7 @@ class PlainEnvironment:
 
 
 class TorchElasticEnvironment:
-    """torchrun (and `accelerate launch`, which runs torchrun underneath): RANK/WORLD_SIZE/LOCAL_RANK.
+    """torchrun: RANK/WORLD_SIZE/LOCAL_RANK (+ LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR/PORT).
 
     RANK wins over SLURM_PROCID: under `srun torchrun ...` Slurm's task id is the node, not the process.
     """
@@ -103,6 +132,19 @@ class TorchElasticEnvironment:
         world_size = _int(env, "WORLD_SIZE")
         local_world_size = _int(env, "LOCAL_WORLD_SIZE", world_size)
         global_rank = _int(env, "RANK")
+        if world_size % max(local_world_size, 1):
+            raise LaunchError(
+                f"WORLD_SIZE={world_size} is not a multiple of LOCAL_WORLD_SIZE={local_world_size}; "
+                "start the same --nproc-per-node on every node"
+            )
+        if _in_slurm_step(env):
+            srun_tasks_per_node = _slurm_tasks_per_node(env)
+            if srun_tasks_per_node is not None and srun_tasks_per_node > 1:
+                raise LaunchError(
+                    f"srun started {srun_tasks_per_node} tasks per node and each runs torchrun, so every node has "
+                    f"{srun_tasks_per_node} launchers; with torchrun inside srun use #SBATCH --ntasks-per-node=1 "
+                    "(or drop torchrun and let srun start one task per process)"
+                )
         return dict(
             global_rank=global_rank,
             local_rank=_int(env, "LOCAL_RANK"),
@@ -115,14 +157,59 @@ class TorchElasticEnvironment:
         )
 
 
+@dataclass(frozen=True)
+class AccelerateSettings:
+    """What `accelerate launch` exported from its config file / flags; None = accelerate did not say."""
+
+    mixed_precision: Optional[str] = None  # dist_train's names: accelerate's 'no' is fp32
+    use_deepspeed: bool = False
+    zero_stage: Optional[int] = None
+    grad_accum_steps: Optional[int] = None
+    grad_clip: Optional[float] = None
+    deepspeed_config_file: Optional[str] = None
+    use_fsdp: bool = False
+
+
 class AccelerateEnvironment(TorchElasticEnvironment):
-    """`accelerate launch`: torchrun variables plus ACCELERATE_* settings exported from its config."""
+    """`accelerate launch`: torchrun variables plus ACCELERATE_* settings exported from its config.
+
+    accelerate always exports ACCELERATE_MIXED_PRECISION; with DeepSpeed also ACCELERATE_USE_DEEPSPEED and,
+    when its config sets them, the ZeRO stage, accumulation steps, clipping and a DeepSpeed JSON path.
+    """
 
     name = "accelerate"
 
     @staticmethod
     def detect(env: Mapping[str, str]) -> bool:
         return TorchElasticEnvironment.detect(env) and "ACCELERATE_MIXED_PRECISION" in env
+
+    @staticmethod
+    def facts(env: Mapping[str, str]) -> dict:
+        return dict(TorchElasticEnvironment.facts(env), accelerate=AccelerateEnvironment.settings(env))
+
+    @staticmethod
+    def settings(env: Mapping[str, str]) -> AccelerateSettings:
+        precision = env.get("ACCELERATE_MIXED_PRECISION", "").strip().lower() or None
+        precision = {"no": "fp32"}.get(precision, precision)  # type: ignore[arg-type]
+
+        def optional(key: str, kind: type) -> Optional[object]:
+            value = env.get(key, "").strip().lower()
+            if value in ("", "none", "auto"):  # DeepSpeed-style 'auto': leave it to dist_train's config
+                return None
+            try:
+                return kind(value)
+            except ValueError:
+                raise LaunchError(f"environment variable {key}={env[key]!r} is not a {kind.__name__}; fix it in the accelerate config") from None
+
+        return AccelerateSettings(
+            mixed_precision=precision,
+            use_deepspeed=env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true",
+            zero_stage=optional("ACCELERATE_DEEPSPEED_ZERO_STAGE", int),  # type: ignore[arg-type]
+            grad_accum_steps=optional("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", int),  # type: ignore[arg-type]
+            grad_clip=optional("ACCELERATE_GRADIENT_CLIPPING", float),  # type: ignore[arg-type]
+            deepspeed_config_file=env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None,
+            use_fsdp=env.get("ACCELERATE_USE_FSDP", "").lower() == "true",
+        )
 
 
 class SlurmEnvironment:
@@ -132,21 +219,19 @@ class SlurmEnvironment:
 
     @staticmethod
     def detect(env: Mapping[str, str]) -> bool:
-        # The batch script itself also sees SLURM_PROCID=0; only an srun step has SLURM_STEP_ID.
-        return "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env
+        return _in_slurm_step(env) and "SLURM_NTASKS" in env
 
     @staticmethod
     def facts(env: Mapping[str, str]) -> dict:
         world_size = _int(env, "SLURM_NTASKS")
         num_nodes = _int(env, "SLURM_NNODES", 1)
-        tasks_per_node = env.get("SLURM_NTASKS_PER_NODE")
         local_world_size = world_size // max(num_nodes, 1)
-        if tasks_per_node and tasks_per_node.split("(")[0].isdigit():
-            declared = int(tasks_per_node.split("(")[0])
+        declared = _slurm_tasks_per_node(env)
+        if declared is not None:
             if declared * num_nodes != world_size:
                 raise LaunchError(
-                    f"SLURM_NTASKS_PER_NODE={declared} x SLURM_NNODES={num_nodes} != SLURM_NTASKS={world_size}; "
-                    "set #SBATCH --ntasks-per-node to the number of processes per node"
+                    f"Slurm runs {declared} tasks per node x {num_nodes} nodes but SLURM_NTASKS={world_size}; "
+                    "set #SBATCH --ntasks-per-node to the number of processes per node and leave --ntasks unset"
                 )
             local_world_size = declared
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
@@ -167,13 +252,21 @@ class SlurmEnvironment:
 DETECTORS = (AccelerateEnvironment, TorchElasticEnvironment, SlurmEnvironment, PlainEnvironment)
 
 
+def _restart_facts(env: Mapping[str, str]) -> dict:
+    """Facts that hold under every launcher: the Slurm job (if any) and how often it was restarted."""
+    # torchrun sets TORCHELASTIC_RESTART_COUNT=0 on the first attempt; Slurm sets SLURM_RESTART_COUNT only
+    # from the first requeue on.
+    restarts = max(_int(env, "TORCHELASTIC_RESTART_COUNT", 0), _int(env, "SLURM_RESTART_COUNT", 0))
+    return dict(slurm_job_id=env.get("SLURM_JOB_ID") or None, restart_count=restarts)
+
+
 def detect_environment(env: Optional[Mapping[str, str]] = None, prefer_cuda: bool = True) -> DistEnv:
     env = os.environ if env is None else env
     for detector in DETECTORS:
         if detector.detect(env):
             facts = detector.facts(env)
             break
-    dist_env = DistEnv(launcher=detector.name, **facts)
+    dist_env = DistEnv(launcher=detector.name, **facts, **_restart_facts(env))
     _check_consistent(dist_env)
     device = "cpu"
     if prefer_cuda and torch.cuda.is_available():
@@ -195,6 +288,10 @@ def _check_consistent(e: DistEnv) -> None:
             f"local rank {e.local_rank} >= processes per node {e.local_world_size}; "
             "the per-node process count disagrees with the launcher's"
         )
+    if not 0 <= e.node_rank < e.num_nodes:
+        raise LaunchError(
+            f"node rank {e.node_rank} is outside {e.num_nodes} nodes; every node must start the same number of processes"
+        )
 
 
 def _first_slurm_host(nodelist: str) -> str:
@@ -211,6 +308,59 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- launcher settings vs the config
+
+
+def reconcile_launcher_settings(cfg: "Config", dist_env: DistEnv, explicit_keys: "set[str] | frozenset[str]") -> list[str]:
+    """Fold what `accelerate launch` set into `cfg` (in place); returns one line per value taken from it.
+
+    A key the preset or an override set explicitly must agree with accelerate's value; a disagreement is a
+    ConfigError naming both, never a silent override either way. A key left at its default takes
+    accelerate's value; a value accelerate did not export leaves the config alone.
+    """
+    from .config import ConfigError, batch_arithmetic
+
+    settings = dist_env.accelerate
+    if settings is None:
+        return []
+    if settings.use_fsdp:
+        raise ConfigError("accelerate's config enables FSDP, which dist_train does not run; use a DDP or DeepSpeed accelerate config (configs/accelerate/)")
+    taken: list[str] = []
+
+    def take(key: str, accelerate_name: str, accelerate_value: object, current: object, apply) -> None:
+        if accelerate_value is None or accelerate_value == current:
+            return
+        if key in explicit_keys:
+            raise ConfigError(
+                f"accelerate's config sets {accelerate_name}={accelerate_value} but the dist_train config sets "
+                f"{key}={current}; make them agree (edit one of them) or drop {key} to take accelerate's value"
+            )
+        apply(accelerate_value)
+        taken.append(f"{key}={accelerate_value} (from accelerate's {accelerate_name})")
+
+    if settings.mixed_precision not in (None, "fp32", "bf16", "fp16"):
+        raise ConfigError(f"accelerate's mixed_precision={settings.mixed_precision} is not supported; use no, bf16 or fp16 (train.precision)")
+    take("train.precision", "mixed_precision", settings.mixed_precision, cfg.train.precision, lambda v: setattr(cfg.train, "precision", v))
+    if settings.use_deepspeed:
+        take("strategy.name", "distributed_type", "deepspeed", cfg.strategy.name, lambda v: setattr(cfg.strategy, "name", v))
+        take("strategy.zero_stage", "zero_stage", settings.zero_stage, cfg.strategy.zero_stage, lambda v: setattr(cfg.strategy, "zero_stage", v))
+        take("strategy.deepspeed_config", "deepspeed_config_file", settings.deepspeed_config_file, cfg.strategy.deepspeed_config, lambda v: setattr(cfg.strategy, "deepspeed_config", v))
+    take("train.grad_clip", "gradient_clipping", settings.grad_clip, cfg.train.grad_clip, lambda v: setattr(cfg.train, "grad_clip", v))
+    if settings.grad_accum_steps is not None:
+        derived = batch_arithmetic(cfg.train, dist_env.world_size).grad_accum_steps
+        if settings.grad_accum_steps != derived:
+            # Accumulation is derived from the global batch, so accelerate's value sets the global batch.
+            if "train.global_batch_size" in explicit_keys:
+                raise ConfigError(
+                    f"accelerate's config sets gradient_accumulation_steps={settings.grad_accum_steps} but the dist_train "
+                    f"config derives {derived} (train.global_batch_size={cfg.train.global_batch_size} / (train.micro_batch_size="
+                    f"{cfg.train.micro_batch_size} x {dist_env.world_size} processes)); make them agree or drop train.global_batch_size"
+                )
+            cfg.train.global_batch_size = cfg.train.micro_batch_size * dist_env.world_size * settings.grad_accum_steps
+            taken.append(f"train.global_batch_size={cfg.train.global_batch_size} (from accelerate's gradient_accumulation_steps={settings.grad_accum_steps})")
+    return taken
 
 
 # ---------------------------------------------------------------- process group

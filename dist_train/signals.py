@@ -1,0 +1,120 @@
+"""Preemption: a signal becomes a stop request that every rank honours at the same step boundary.
+
+SIGTERM (what Slurm, Kubernetes and torchrun send before killing), SIGINT (Ctrl-C) and
+`train.preemption_signal` (default SIGUSR2, asked for with `#SBATCH --signal=USR2@120`) only set
+`trainer.stop_requested`. The handler does no I/O beyond one write to stderr and no collectives: the
+trainer max-reduces the flag at the next step boundary, so all ranks save the same checkpoint collectively
+(a save gated on the rank that got the signal would deadlock) and raise `TrainingInterrupted`.
+`finish_interrupted` then requeues a Slurm job from the main process (`scontrol requeue`), and the
+requeued job resumes from that checkpoint because `SLURM_RESTART_COUNT` is set.
+
+Not SIGUSR1 by default: NCCL may use it, and a stray USR1 should not stop training.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from types import FrameType
+from typing import Any, Optional
+
+from .config import ConfigError
+from .env import DistEnv
+
+EXIT_INTERRUPTED = 130
+_UNCATCHABLE = {"SIGKILL", "SIGSTOP"}
+
+
+def resolve_signal(name: str) -> signal.Signals:
+    """'USR2', 'SIGUSR2' or '12' -> signal.SIGUSR2; ConfigError naming train.preemption_signal otherwise."""
+    text = str(name).strip().upper()
+    if text.isdigit():
+        try:
+            sig = signal.Signals(int(text))
+        except ValueError:
+            sig = None
+    else:
+        sig = getattr(signal.Signals, text if text.startswith("SIG") else "SIG" + text, None)
+    if sig is None or sig.name in _UNCATCHABLE:
+        raise ConfigError(
+            f"train.preemption_signal={name!r} is not a signal this process can catch; use e.g. SIGUSR2 "
+            "(and the same name in #SBATCH --signal=USR2@120)"
+        )
+    return sig
+
+
+class StopOnSignals:
+    """Context manager: while active, the signals set `target.stop_requested = True`; restores the old handlers."""
+
+    def __init__(self, target: Any, signals: list[signal.Signals], announce: bool = True) -> None:
+        self.target = target
+        self.signals = list(dict.fromkeys(signals))
+        self.announce = announce
+        self.received: list[str] = []
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def __enter__(self) -> "StopOnSignals":
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        name = signal.Signals(signum).name
+        self.received.append(name)
+        if self.announce and not self.target.stop_requested:
+            # os.write, not print: a handler may interrupt a print in progress (print is not reentrant).
+            os.write(2, f"dist-train: received {name}; saving a checkpoint at the next step boundary and stopping\n".encode())
+        self.target.stop_requested = True
+
+
+def stop_on_signals(target: Any, preemption_signal: str, announce: bool = True) -> StopOnSignals:
+    return StopOnSignals(target, [signal.SIGTERM, signal.SIGINT, resolve_signal(preemption_signal)], announce)
+
+
+def requeue_slurm_job(job_id: str, timeout: float = 60.0) -> tuple[bool, str]:
+    """`scontrol requeue JOB`; (done, message). Never raises: the checkpoint is already safe."""
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        return False, (
+            f"scontrol is not on PATH, so Slurm job {job_id} cannot requeue itself; the checkpoint is complete: "
+            "resubmit the job (it resumes with train.resume=auto)"
+        )
+    try:
+        result = subprocess.run([scontrol, "requeue", job_id], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, f"scontrol requeue {job_id} failed ({e}); the checkpoint is complete: resubmit the job to resume"
+    if result.returncode != 0:
+        reason = (result.stderr or result.stdout).strip()
+        return False, (
+            f"scontrol requeue {job_id} failed: {reason} (is JobRequeue / #SBATCH --requeue allowed?); "
+            "the checkpoint is complete: resubmit the job to resume"
+        )
+    return True, f"requeued Slurm job {job_id}; it resumes from the checkpoint when Slurm restarts it"
+
+
+def finish_interrupted(reason: BaseException, dist_env: DistEnv) -> int:
+    """After the collective checkpoint: say so, requeue under Slurm (main process only), return the exit status.
+
+    The status is EXIT_INTERRUPTED either way: the training did not finish in this process, and a wrapper
+    script must not mistake the stop for success. A requeued job runs again regardless of it.
+    """
+    if dist_env.is_main:
+        print(f"dist-train: interrupted: {reason}", file=sys.stderr, flush=True)
+        if dist_env.slurm_job_id is not None:
+            _, message = requeue_slurm_job(dist_env.slurm_job_id)
+            print(f"dist-train: {message}", file=sys.stderr, flush=True)
+    # The other ranks wait for the requeue: an earlier non-zero exit would let srun (--kill-on-bad-exit)
+    # end the step, and rank 0 with it, before `scontrol requeue` was sent.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return EXIT_INTERRUPTED

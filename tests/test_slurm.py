@@ -1,0 +1,125 @@
+"""The sbatch templates on a real single-machine Slurm cluster (two emulated nodes), started and stopped here.
+
+One uninterrupted 2-node job is the reference; a second job gets the preemption signal mid-run, checkpoints,
+requeues itself, resumes, and must end with bit-identical parameters. The model is a paced linear
+regression, so the signal lands mid-run however fast the machine is.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.procs import REPO, clean_env
+from tests.slurm_cluster import SlurmCluster, missing_binaries
+
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(missing_binaries()), reason=f"Slurm/munge binaries missing ({', '.join(missing_binaries())}); run tests/install_system_deps.sh as root"),
+]
+
+TOTAL_STEPS = 100  # 4 epochs x 25 steps (819 samples, global batch 32)
+TRAIN_ARGS = [
+    "configs/linear_regression.yaml",
+    "model.name=tests.workers.paced_model:PacedLinear",
+    "model.input_shape=[1]",
+    "model.task=regression",
+    "model.kwargs={delay_seconds: 0.03}",
+    "train.epochs=4",
+    "train.log_interval=5",
+    "train.progress_bar=false",
+]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = SlurmCluster()
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+def _job_env() -> dict:
+    return clean_env({"DIST_TRAIN_PYTHON": sys.executable, "PYTHONPATH": str(REPO)})
+
+
+def _submit(cluster: SlurmCluster, out: Path, log: Path) -> str:
+    return cluster.sbatch(
+        REPO / "slurm" / "multi_node.sbatch",
+        [*TRAIN_ARGS, f"output_dir={out}"],
+        sbatch_args=["--nodes=2", "--ntasks-per-node=1", f"--output={log}", f"--chdir={REPO}"],
+        env=_job_env(),
+    )
+
+
+def _model(path: Path) -> dict:
+    return torch.load(path / "model.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def reference_run(cluster, tmp_path_factory):
+    """The multi-node template, 2 nodes x 1 task, run to completion without interruption."""
+    root = tmp_path_factory.mktemp("slurm_reference")
+    out, log = root / "out", root / "job.log"
+    job_id = _submit(cluster, out, log)
+    info = cluster.wait_for_state(job_id, ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"], timeout=240)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", f"{info}\n{text}"
+    return info, out, text
+
+
+def test_multi_node_template_runs_with_correct_ranks(reference_run):
+    info, out, text = reference_run
+    assert info["NodeList"] == "node[1-2]" and info["NumNodes"] == "2"
+    # Rank 0 speaks for the job; had both nodes believed they were rank 0, the rendezvous would have failed.
+    assert "0: dist_train: launcher=slurm rank=0/2 local_rank=0 node=0/2" in text
+    assert f"done: {TOTAL_STEPS} optimizer steps" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["optimizer_steps"] == TOTAL_STEPS
+    final = sorted((out / "checkpoints").glob("step-*"))[-1]
+    assert sorted(p.name for p in final.glob("rank-*.state.pt")) == ["rank-0.state.pt", "rank-1.state.pt"]
+    assert re.search(r"rendezvous node1:\d+", text)
+
+
+def test_preempted_job_checkpoints_requeues_resumes_and_matches(cluster, reference_run, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "job.log"
+    job_id = _submit(cluster, out, log)
+
+    # Signal once training is under way (a log line is printed every 5 steps).
+    deadline = time.monotonic() + 180
+    while not (log.exists() and re.search(r"step\s+5 \|", log.read_text())):
+        assert time.monotonic() < deadline, f"no training progress\n{log.read_text() if log.exists() else ''}\n{cluster.logs()}"
+        state = cluster.job(job_id)["JobState"]
+        assert state in ("PENDING", "CONFIGURING", "RUNNING"), f"job ended early: {state}\n{log.read_text() if log.exists() else ''}"
+        time.sleep(0.2)
+    # Without --batch Slurm signals every task of the job's steps (what --signal=USR2@T does), not the shell.
+    cluster.command(["scancel", "--signal=USR2", job_id])
+
+    info = cluster.wait_for_state(job_id, ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"], timeout=240)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{text}"
+
+    stopped = re.search(r"stopped on request at optimizer step (\d+)", text)
+    assert stopped, text
+    stop_step = int(stopped.group(1))
+    assert 5 <= stop_step < TOTAL_STEPS, text
+    # Both runs are in the one log (--open-mode=append), the second resumed where the first stopped.
+    first, second = text.index("restart 0:"), text.index("restart 1:")
+    assert first < text.index("received SIGUSR2") < text.index(f"requeued Slurm job {job_id}") < second
+    assert f"resumed from {out / 'checkpoints' / f'step-{stop_step:08d}'} at optimizer step {stop_step}" in text[second:]
+    assert f"done: {TOTAL_STEPS} optimizer steps" in text[second:]
+
+    reference = _model(reference_run[1])
+    resumed = _model(out)
+    assert reference.keys() == resumed.keys()
+    for key in reference:
+        assert torch.equal(reference[key], resumed[key]), key

@@ -1,0 +1,25 @@
+"""The tutorial's linear regression, paced: each training forward sleeps, so a run lasts long enough for a
+test to signal or kill it mid-run on any machine speed. The arithmetic is the plain model's.
+
+  model.name=tests.workers.paced_model:PacedLinear model.input_shape=[1] model.task=regression
+  model.kwargs={delay_seconds: 0.02}
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+
+class PacedLinear(nn.Module):
+    def __init__(self, delay_seconds: float = 0.02) -> None:
+        super().__init__()
+        self.linear = nn.Linear(1, 1)
+        self.delay_seconds = delay_seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            time.sleep(self.delay_seconds)
+        return self.linear(x)
