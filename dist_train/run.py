@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Sequence
 
-from .config import Config, load_config
-from .env import backend_for, destroy_process_group, detect_environment, init_process_group
-
-EXIT_INTERRUPTED = 130
+from .config import Config, explicit_keys, load_config, raw_config, validate
+from .env import backend_for, destroy_process_group, detect_environment, init_process_group, reconcile_launcher_settings
+from .signals import finish_interrupted, resolve_signal, stop_on_signals
 
 
 def _start(config_path: str, overrides: Sequence[str]) -> tuple[Config, object]:
     cfg = load_config(config_path, overrides)
+    resolve_signal(cfg.train.preemption_signal)
     dist_env = detect_environment()
+    # accelerate launch exports its config's settings; explicit dist_train keys must agree with them.
+    for line in reconcile_launcher_settings(cfg, dist_env, explicit_keys(raw_config(config_path, overrides))):
+        if dist_env.is_main:
+            print(f"dist-train: {line}", flush=True)
+    validate(cfg)
+    if dist_env.restarted and cfg.train.resume is None:
+        cfg.train.resume = "auto"
+        if dist_env.is_main:
+            print(f"dist-train: restart {dist_env.restart_count} of this job ({dist_env.launcher}): train.resume=auto", flush=True)
     backend = backend_for(dist_env, cfg.strategy.backend)
     init_process_group(dist_env, backend, cfg.strategy.timeout_seconds)
     return cfg, dist_env
@@ -32,16 +40,18 @@ def train(config_path: str, overrides: Sequence[str]) -> int:
             (out / "config.yaml").write_text(cfg.to_yaml())
             print("resolved config:\n" + cfg.to_yaml(), flush=True)
         trainer = Trainer.build(cfg, dist_env)
-        summary = trainer.fit()
+        with stop_on_signals(trainer, cfg.train.preemption_signal, announce=dist_env.is_main):
+            summary = trainer.fit()
         if dist_env.is_main:
             accuracy = summary["eval"].get("eval/accuracy")
             final = f"test accuracy {accuracy:.4f}" if accuracy is not None else f"test loss {summary['eval']['eval/loss']:.6f}"
             print(f"done: {summary['optimizer_steps']} optimizer steps, {final}; outputs in {cfg.output_dir}", flush=True)
         return 0
     except TrainingInterrupted as e:
-        if dist_env.is_main:
-            print(f"dist-train: interrupted: {e}", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+        # Close the tracker before a Slurm requeue, which ends this job's processes.
+        trainer.close()
+        trainer = None
+        return finish_interrupted(e, dist_env)
     finally:
         if trainer is not None:
             trainer.close()
