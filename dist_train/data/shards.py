@@ -1,0 +1,363 @@
+"""Webdataset shards: the writer behind `dist-train data prepare`, the manifest, and record decoding.
+
+Layout of one split (DIR/train, DIR/test)::
+
+    train-000000.tar ... train-000005.tar   plain tar files, readable by `tar` and by `webdataset`
+    manifest.json                           written last: its presence means the split is complete
+
+Each tar member group (one webdataset "sample") is a *record* of up to `samples_per_record` samples:
+`KEY.inputs.npy` (uint8 images [n, C, H, W] or float32 vectors [n, ...]), `KEY.targets.npy` (int64 labels
+or float32 regression targets) and `KEY.keys.json` (the n stable sample keys). Per-member tar parsing
+costs far more than decoding a 28x28 image (benchmarks/bench_loader.py measures it), so many samples per
+member is what makes streaming as fast as memory. Plain webdataset reads a record as
+`{"inputs.npy": array, "targets.npy": array, "keys.json": [...]}` after `.decode()`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from ..config import DataConfig
+from .sources import SOURCES, SourceData, Split
+
+FORMAT = "dist_train.shards/1"
+MANIFEST = "manifest.json"
+SPLITS = ("train", "test")
+RECORD_MEMBERS = ("inputs.npy", "targets.npy", "keys.json")
+
+
+class DataError(RuntimeError):
+    """Shards that cannot be read as promised: missing, truncated, corrupt, or not matching the model."""
+
+
+# ---------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    name: str
+    count: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path  # the manifest file itself; shards lie beside it
+    split: str
+    kind: str  # "image" | "vector"
+    shape: tuple[int, ...]
+    num_classes: int
+    samples_per_record: int
+    shards: tuple[ShardEntry, ...]
+    options: dict
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.count for s in self.shards)
+
+    def records_in(self, shard: ShardEntry) -> list[int]:
+        """Sample count of each record of a shard (all full but the last)."""
+        full, rest = divmod(shard.count, self.samples_per_record)
+        return [self.samples_per_record] * full + ([rest] if rest else [])
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "split": self.split,
+            "kind": self.kind,
+            "shape": list(self.shape),
+            "num_classes": self.num_classes,
+            "num_samples": self.num_samples,
+            "samples_per_record": self.samples_per_record,
+            "options": self.options,
+            "shards": [vars(s) for s in self.shards],
+        }
+
+    @classmethod
+    def load(cls, path: Path) -> "Manifest":
+        if not path.is_file():
+            raise DataError(
+                f"{path} does not exist: not a prepared shard directory, or an interrupted prepare; "
+                "run `dist-train data prepare --source NAME --out DIR` and set data.path=DIR"
+            )
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("format") != FORMAT:
+                raise ValueError(f"format is {raw.get('format')!r}, expected {FORMAT!r}")
+            shards = tuple(ShardEntry(str(s["name"]), int(s["count"]), int(s["bytes"]), str(s["sha256"])) for s in raw["shards"])
+            return cls(
+                path, str(raw["split"]), str(raw["kind"]), tuple(int(d) for d in raw["shape"]), int(raw["num_classes"]),
+                int(raw["samples_per_record"]), shards, dict(raw.get("options", {})),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"manifest {path} is not a dist_train shard manifest: {e}") from None
+
+    def describe(self) -> str:
+        size = sum(s.bytes for s in self.shards)
+        classes = f"{self.num_classes} classes" if self.num_classes else "regression targets"
+        return (
+            f"{self.directory}: split={self.split} {self.num_samples} samples in {len(self.shards)} shards "
+            f"({size / 2**20:.2f} MiB, {self.samples_per_record} samples/record), {self.kind} shape {list(self.shape)}, {classes}"
+        )
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    # Fixed metadata (mtime 0, no owner) keeps shards byte-identical across prepares: same data, same sha256.
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mode = 0o644
+    tar.addfile(info, io.BytesIO(payload))
+
+
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, file) -> None:
+        self.file, self.sha256, self.size = file, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.size
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.file.write(data)
+
+
+def record_key(split: str, shard_index: int, record_index: int) -> str:
+    return f"{split}-{shard_index:06d}-{record_index:05d}"
+
+
+def record_index(key: str) -> int:
+    return int(key.rsplit("-", 1)[1])
+
+
+def write_shard(path: Path, split: Split, start: int, stop: int, shard_index: int, split_name: str, samples_per_record: int) -> ShardEntry:
+    with open(path, "wb") as f:
+        writer = _HashingWriter(f)
+        with tarfile.open(fileobj=writer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for r, lo in enumerate(range(start, stop, samples_per_record)):
+                hi = min(lo + samples_per_record, stop)
+                key = record_key(split_name, shard_index, r)
+                _add_member(tar, f"{key}.inputs.npy", _npy_bytes(split.inputs[lo:hi].numpy()))
+                _add_member(tar, f"{key}.targets.npy", _npy_bytes(split.targets[lo:hi].numpy()))
+                _add_member(tar, f"{key}.keys.json", json.dumps(split.keys[lo:hi]).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    return ShardEntry(path.name, stop - start, writer.size, writer.sha256.hexdigest())
+
+
+def write_split(split: Split, out: Path, split_name: str, kind: str, num_classes: int, samples_per_shard: int, samples_per_record: int, options: dict) -> Manifest:
+    """Write one split into `out`, atomically: everything goes to a hidden sibling folder, renamed into place."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    entries = []
+    for i, start in enumerate(range(0, len(split), samples_per_shard)):
+        stop = min(start + samples_per_shard, len(split))
+        entries.append(write_shard(tmp / f"{split_name}-{i:06d}.tar", split, start, stop, i, split_name, samples_per_record))
+    manifest = Manifest(out / MANIFEST, split_name, kind, tuple(split.inputs.shape[1:]), num_classes, samples_per_record, tuple(entries), options)
+    (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=1))
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+    return manifest
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass
+class Record:
+    inputs: np.ndarray
+    targets: np.ndarray
+    keys: list[str]
+
+
+def decode_record(raw: dict, manifest: Manifest, expected_count: int) -> Record:
+    """A tar member group -> arrays; any inconsistency is an error (caller names the shard and key)."""
+    inputs = np.load(io.BytesIO(raw["inputs.npy"]), allow_pickle=False)
+    targets = np.load(io.BytesIO(raw["targets.npy"]), allow_pickle=False)
+    keys = json.loads(raw["keys.json"])
+    if inputs.shape != (expected_count, *manifest.shape) or targets.shape[:1] != (expected_count,) or len(keys) != expected_count:
+        raise ValueError(f"holds inputs {list(inputs.shape)}, {len(targets)} targets, {len(keys)} keys; the manifest promises {expected_count} samples of shape {list(manifest.shape)}")
+    return Record(inputs, targets, keys)
+
+
+def iter_shard(url: str, shard_name: str, first_record: int = 0) -> Iterator[dict]:
+    """Raw records of one shard through webdataset's own stages (gopen: local paths and pipe: URLs).
+
+    Records before `first_record` are skipped by name: their bytes are passed over by tarfile, never decoded.
+    """
+    from webdataset import tariterators
+    from webdataset.gopen import gopen
+
+    def select(fname: str) -> bool:
+        try:
+            return record_index(fname.split(".", 1)[0]) >= first_record
+        except (ValueError, IndexError):
+            return True  # not ours; group_by_keys keeps it and the reader names it
+
+    try:
+        stream = gopen(url, "rb")
+    except Exception as e:  # noqa: BLE001 - a missing file, a bad scheme: one error naming the shard
+        raise DataError(f"shard {shard_name} cannot be opened ({url}): {type(e).__name__}: {_first_arg(e)}") from None
+    finished = False
+    try:
+        files = tariterators.tar_file_expander([{"url": url, "stream": stream}], select_files=select, eof_value=None)
+        yield from tariterators.group_by_keys(files)
+        finished = True
+    except Exception as e:  # noqa: BLE001 - every failure of the tar stream becomes one error naming the shard
+        raise DataError(f"shard {shard_name} cannot be read ({url}): {type(e).__name__}: {_first_arg(e)}") from None
+    finally:
+        try:
+            stream.close()  # a pipe: URL reports its command's exit status here
+        except Exception as e:  # noqa: BLE001
+            # Stopping early (a resume, the end of a rank's range) makes the pipe's writer die of SIGPIPE: not an error.
+            if finished:
+                raise DataError(f"shard {shard_name} ({url}): {_first_arg(e)}") from None
+
+
+def _first_arg(error: BaseException) -> str:
+    return str(error.args[0]) if error.args else str(error)
+
+
+def verify_shard(directory: Path, entry: ShardEntry) -> Optional[str]:
+    """None if the file matches its manifest entry, else what is wrong."""
+    path = directory / entry.name
+    if not path.is_file():
+        return f"shard {path} is missing"
+    size = path.stat().st_size
+    if size != entry.bytes:
+        return f"shard {path} has {size} bytes, the manifest says {entry.bytes} (truncated or rewritten)"
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != entry.sha256:
+        return f"shard {path}: sha256 {digest.hexdigest()[:12]}... does not match the manifest's {entry.sha256[:12]}... (corrupt)"
+    return None
+
+
+def find_manifests(path: Path) -> list[Path]:
+    if (path / MANIFEST).is_file():
+        return [path / MANIFEST]
+    found = [path / split / MANIFEST for split in SPLITS if (path / split / MANIFEST).is_file()]
+    if not found:
+        raise DataError(f"{path} holds no {MANIFEST} (nor {path}/train/{MANIFEST}); prepare shards with `dist-train data prepare`")
+    return found
+
+
+# ---------------------------------------------------------------- the CLI commands
+
+
+def _load_for_prepare(args: argparse.Namespace) -> SourceData:
+    from ..models import ModelConfig, ModelSpec, model_spec
+
+    if args.source not in SOURCES:
+        raise DataError(f"--source {args.source} is unknown; use one of {', '.join(SOURCES)}")
+    cfg = DataConfig(source=args.source, path=args.root, download=args.download)
+    if args.source == "random":
+        spec = model_spec(ModelConfig(name="two_layer_net"))
+    else:  # only image_folder looks at the shape: it resizes every file to it
+        size = args.image_size or 32
+        spec = ModelSpec("shards", (3, size, size), "classification", 10)
+    data = SOURCES[args.source](cfg, spec)
+    if args.image_size and data.kind == "image":
+        data.train, data.test = (_resized(s, args.image_size) for s in (data.train, data.test))
+    elif args.image_size:
+        raise DataError(f"--image-size applies to image sources; {args.source} holds vectors")
+    return data
+
+
+def _resized(split: Split, size: int) -> Split:
+    from .transforms import adapt_images
+
+    channels = split.inputs.shape[1]
+    images = [adapt_images(split.inputs[i : i + 1024], (channels, size, size)).mul_(255).round_().to(torch.uint8) for i in range(0, len(split), 1024)]
+    return Split(torch.cat(images), split.targets, split.keys)
+
+
+def _prepared(out: Path, options: dict) -> bool:
+    """True when both splits are complete shard folders written with the same options (prepare is idempotent)."""
+    for split in SPLITS:
+        try:
+            manifest = Manifest.load(out / split / MANIFEST)
+        except DataError:
+            return False
+        if manifest.options != options:
+            return False
+        if any(not (manifest.directory / s.name).is_file() or (manifest.directory / s.name).stat().st_size != s.bytes for s in manifest.shards):
+            return False
+    return True
+
+
+def prepare_command(args: argparse.Namespace) -> int:
+    for flag, value in (("--samples-per-shard", args.samples_per_shard), ("--samples-per-record", args.samples_per_record)):
+        if value <= 0:
+            raise DataError(f"{flag} must be positive, got {value}")
+    samples_per_record = min(args.samples_per_record, args.samples_per_shard)
+    out = Path(args.out)
+    options = {
+        "source": args.source,
+        "root": str(Path(args.root).resolve()) if args.root else None,
+        "samples_per_shard": args.samples_per_shard,
+        "samples_per_record": samples_per_record,
+        "image_size": args.image_size,
+    }
+    if not args.overwrite and _prepared(out, options):
+        print(f"{out}: already prepared with these options (pass --overwrite to write again)")
+        return 0
+    data = _load_for_prepare(args)
+    for split_name, split in (("train", data.train), ("test", data.test)):
+        manifest = write_split(split, out / split_name, split_name, data.kind, data.num_classes, args.samples_per_shard, samples_per_record, options)
+        print(manifest.describe())
+    return 0
+
+
+def inspect_command(args: argparse.Namespace) -> int:
+    problems = []
+    for path in find_manifests(Path(args.path)):
+        manifest = Manifest.load(path)
+        print(manifest.describe())
+        for entry in manifest.shards:
+            problem = verify_shard(manifest.directory, entry)
+            print(f"  {entry.name}: {entry.count} samples, {entry.bytes} bytes, " + (problem or "sha256 ok"))
+            if problem:
+                problems.append(problem)
+    if problems:
+        raise DataError(f"{len(problems)} bad shard(s): " + "; ".join(problems))
+    print("all checksums verified")
+    return 0
+
