@@ -176,6 +176,7 @@ def write_shard(path: Path, split: Split, start: int, stop: int, shard_index: in
 
 def write_split(split: Split, out: Path, split_name: str, kind: str, num_classes: int, samples_per_shard: int, samples_per_record: int, options: dict) -> Manifest:
     """Write one split into `out`, atomically: everything goes to a hidden sibling folder, renamed into place."""
+    _remove_abandoned(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -193,6 +194,17 @@ def write_split(split: Split, out: Path, split_name: str, kind: str, num_classes
     else:
         tmp.rename(out)
     return manifest
+
+
+def _remove_abandoned(out: Path) -> None:
+    """Hidden folders left by a prepare that was killed (its process is gone)."""
+    for folder in out.parent.glob(f".{out.name}.*-*"):
+        try:
+            os.kill(int(folder.name.rsplit("-", 1)[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
 
 
 # ---------------------------------------------------------------- reading
