@@ -30,7 +30,7 @@ class Tracker:
         """Record scalars at a global optimizer step; a second call at the same step adds to that step."""
 
     def finish(self) -> None:
-        """Flush and close."""
+        """Flush and close; a second call does nothing."""
 
     # Checkpointed so a requeued job continues the same run.
     def state_dict(self) -> dict:

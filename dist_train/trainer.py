@@ -193,6 +193,10 @@ class Trainer:
                 if stop:
                     bar.close()
                     self.checkpointer.wait()
+                    # Launchers kill the remaining ranks once one exits non-zero: close the main process's
+                    # trackers (W&B writes its last step at finish) before any rank may leave.
+                    self.tracker.finish()
+                    self.strategy.barrier()
                     raise TrainingInterrupted(f"stopped on request at optimizer step {step}; checkpoint saved under {self.checkpointer.directory}")
                 if step >= total_steps or epoch_done:
                     break
