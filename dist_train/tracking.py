@@ -58,6 +58,12 @@ def warn(text: str) -> None:
     print(f"dist_train: warning: {text}", file=sys.stderr, flush=True)
 
 
+def describe(error: BaseException) -> str:
+    """`Type: first line of the message`: W&B's errors run over several lines."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 class TrackerGroup(Tracker):
     """Fan-out to several trackers.
 
@@ -97,7 +103,7 @@ class TrackerGroup(Tracker):
             try:
                 state[key] = tracker.state_dict()
             except Exception as e:  # the checkpoint must not fail because a tracker did
-                warn(f"{tracker.name} tracking failed in state_dict ({type(e).__name__}: {e}); its run id is not checkpointed")
+                warn(f"{tracker.name} tracking failed in state_dict ({describe(e)}); its run id is not checkpointed")
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -118,7 +124,7 @@ class TrackerGroup(Tracker):
                 self._carried_state[key] = tracker.state_dict()
             except Exception:
                 pass
-            warn(f"{tracker.name} tracking failed in {method} ({type(e).__name__}: {e}); training continues without {tracker.name}")
+            warn(f"{tracker.name} tracking failed in {method} ({describe(e)}); training continues without {tracker.name}")
 
 
 # ---------------------------------------------------------------- Weights & Biases
@@ -191,7 +197,10 @@ class WandbTracker(Tracker):
         except Exception as e:
             if mode != "online":
                 raise
-            warn(f"W&B online init failed ({type(e).__name__}: {e}); logging offline under {self.directory / 'wandb'}, upload later with `wandb sync`")
+            warn(
+                f"W&B online init failed ({describe(e)}); logging offline under {self.directory / 'wandb'} instead "
+                "(upload later with `wandb sync`; waiting longer: tracking.wandb.init_timeout_seconds)"
+            )
             mode = "offline"
             self.run = wandb.init(mode=mode, **init_args)
         self.run_id = self.run.id
