@@ -28,6 +28,7 @@ import pickle
 import platform
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -332,8 +333,15 @@ def load_dcp_full(directory: Path) -> dict:
     # caller already has, and the empty-state planner is how DCP rebuilds a state dict from the metadata.
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    read_dcp_metadata(directory)  # refuses unsafe metadata with its own message (DCP would wrap the error)
     state: dict = {}
-    _load_state_dict(state, storage_reader=_safe_reader(directory), planner=_safe_planner(empty=True), no_dist=True)
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            _load_state_dict(state, storage_reader=_safe_reader(directory), planner=_safe_planner(empty=True), no_dist=True)
+    except Exception as e:  # DCP wraps per-rank failures (a missing shard file, a refused pickle) in one exception
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {directory} cannot be read: {first}") from None
     return state
 
 

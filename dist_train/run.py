@@ -67,11 +67,15 @@ def evaluate(config_path: str, overrides: Sequence[str]) -> int:
         from .config import ConfigError
 
         raise ConfigError("dist-train eval needs checkpoint=PATH (a step-N directory or an output_dir)")
-    cfg, dist_env = _start(config_path, [*rest, f"train.resume={checkpoint[0]}"])
+    # Evaluation reports to stdout only: it must not append to (or open) the training run's trackers.
+    no_tracking = ["tracking.wandb.enabled=false", "tracking.tensorboard.enabled=false"]
+    cfg, dist_env = _start(config_path, [*rest, *no_tracking, f"train.resume={checkpoint[0]}"])
     trainer = None
     try:
         trainer = Trainer.build(cfg, dist_env)
-        path = trainer.checkpointer.resume(cfg.train.resume, trainer.stateful())
+        # Model (and optimizer) plus progress only: the data position and RNG do not matter to an evaluation,
+        # so a checkpoint evaluates under any batch size or world size.
+        path = trainer.checkpointer.resume(cfg.train.resume, {"progress": trainer.progress})
         if path is None:
             from .config import ConfigError
 
@@ -80,7 +84,7 @@ def evaluate(config_path: str, overrides: Sequence[str]) -> int:
         if dist_env.is_main:
             import json
 
-            print(json.dumps({"checkpoint": str(path), **metrics}), flush=True)
+            print(json.dumps({"checkpoint": str(path), "optimizer_step": trainer.progress.optimizer_step, **metrics}), flush=True)
         return 0
     finally:
         if trainer is not None:

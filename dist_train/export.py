@@ -1,0 +1,74 @@
+"""`dist-train export`: a checkpoint (DCP or DeepSpeed) -> the tutorial's plain files.
+
+  OUT                 model.state_dict() with the tutorial's keys: `model.load_state_dict(torch.load(OUT))`
+  --tutorial-dict P   the tutorial's general checkpoint: {epoch, model_state_dict, optimizer_state_dict, loss},
+                      whose optimizer_state_dict loads with `optimizer.load_state_dict` (parameter ids, not names)
+
+Reads in one process with no process group, whatever world size wrote the checkpoint, and unpickles
+nothing but tensors and plain values (see checkpoint.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .checkpoint import CheckpointError, find_checkpoint, load_dcp_full, read_meta
+
+
+def export_checkpoint(checkpoint: str, out: str, tutorial_dict_path: Optional[str] = None) -> int:
+    path = find_checkpoint(checkpoint, Path(checkpoint))
+    if path is None:
+        raise CheckpointError(f"{checkpoint}: no complete checkpoint found")
+    meta = read_meta(path)
+    model_state, optimizer_state = _load(path, meta)
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model_state, out_path)
+    num_params = sum(v.numel() for v in model_state.values() if isinstance(v, torch.Tensor))
+    print(f"wrote {out_path}: {len(model_state)} tensors, {num_params} values, from {path} (step {meta['step']})", flush=True)
+    if tutorial_dict_path:
+        tutorial = {
+            "epoch": meta.get("epoch"),
+            "model_state_dict": model_state,
+            "optimizer_state_dict": optimizer_state,
+            "loss": None,  # dist_train checkpoints do not record a training loss
+        }
+        Path(tutorial_dict_path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(tutorial, tutorial_dict_path)
+        print(f"wrote {tutorial_dict_path}: epoch, model_state_dict, optimizer_state_dict, loss", flush=True)
+    return 0
+
+
+def _load(path: Path, meta: dict) -> tuple[dict, Optional[dict]]:
+    """(model state_dict, optimizer state_dict in torch.optim's id-keyed layout or None)."""
+    if meta.get("strategy") == "deepspeed":
+        from .strategies.deepspeed import consolidated_state_dict  # noqa: PLC0415 (optional backend)
+
+        state = consolidated_state_dict(path)
+        if isinstance(state.get("model"), dict):  # {"model": ..., "optimizer": ...}
+            return dict(state["model"]), state.get("optimizer")
+        return dict(state), None
+    state = load_dcp_full(path)
+    if "model" not in state:
+        raise CheckpointError(f"checkpoint {path} holds no model state (keys: {sorted(state)}); not a dist_train DCP checkpoint")
+    optimizer = state.get("optimizer")
+    return dict(state["model"]), (optimizer_by_ids(optimizer) if optimizer else None)
+
+
+def optimizer_by_ids(state: dict) -> dict:
+    """DCP keeps optimizer state by parameter name; `torch.optim.Optimizer.load_state_dict` wants the ids
+    0..N-1 in param-group order (the order the optimizer was built with)."""
+    ids: dict[str, int] = {}
+    groups = []
+    for group in state["param_groups"]:
+        params = []
+        for name in group["params"]:
+            ids.setdefault(name, len(ids))
+            params.append(ids[name])
+        groups.append({**group, "params": params})
+    per_param = {ids[name]: value for name, value in state.get("state", {}).items() if name in ids}
+    return {"state": per_param, "param_groups": groups}
+
