@@ -33,7 +33,7 @@ from ..config import BatchArithmetic, Config, ConfigError, DataConfig
 from ..env import DistEnv
 from ..models import ModelSpec
 from . import DataBundle
-from .loader import GlobalBatchPlan, MapStyleTrainLoader
+from .loader import GlobalBatchPlan, MapStyleTrainLoader, _identity
 from .shards import MANIFEST, RECORD_MEMBERS, DataError, Manifest, Record, decode_record, iter_shard, record_index
 from .sources import SourceData, Split, check_compatible
 from .transforms import adapt_images
@@ -134,21 +134,20 @@ class Chunk:
 
     inputs: np.ndarray
     targets: np.ndarray
-    keys: list[str]
+    keys: np.ndarray  # str objects
     bad: np.ndarray
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def take(self, rows: np.ndarray) -> "Chunk":
-        return Chunk(self.inputs[rows], self.targets[rows], [self.keys[i] for i in rows.tolist()], self.bad[rows])
+    def take(self, rows: np.ndarray | slice) -> "Chunk":
+        return Chunk(self.inputs[rows], self.targets[rows], self.keys[rows], self.bad[rows])
 
     @staticmethod
     def concat(parts: Sequence["Chunk"]) -> "Chunk":
         if len(parts) == 1:
             return parts[0]
-        keys = [k for p in parts for k in p.keys]
-        return Chunk(np.concatenate([p.inputs for p in parts]), np.concatenate([p.targets for p in parts]), keys, np.concatenate([p.bad for p in parts]))
+        return Chunk(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("inputs", "targets", "keys", "bad")))
 
 
 class _StreamCursor:
@@ -176,7 +175,7 @@ class _StreamCursor:
         while position < stop:
             record = self._record_holding(position)
             end = min(stop, self.record_start + len(record))
-            parts.append(record.take(np.arange(position - self.record_start, end - self.record_start)))
+            parts.append(record.take(slice(position - self.record_start, end - self.record_start)))
             position = end
         return Chunk.concat(parts)
 
@@ -236,14 +235,14 @@ class _StreamCursor:
         self.decoded_records += 1
         try:
             record: Record = decode_record(raw, manifest, count)
-            return Chunk(record.inputs, record.targets.astype(self.source.target_dtype, copy=False), list(record.keys), np.zeros(count, bool))
+            return Chunk(record.inputs, record.targets.astype(self.source.target_dtype, copy=False), np.array(record.keys, object), np.zeros(count, bool))
         except Exception as e:  # noqa: BLE001 - any decode failure: name the shard and the samples
             keys = _keys_or_placeholders(raw, count)
             reason = f"shard {entry.name} record {raw['__key__']} fails to decode: {type(e).__name__}: {e}"
             if not self.skip_bad:
                 raise DataError(f"{reason} (samples {keys[0]}..{keys[-1]}); set data.skip_bad_samples=true to skip bad samples instead") from None
             self.bad_reasons.update((key, reason) for key in keys)
-            return Chunk(np.zeros((count, *manifest.shape), self.source.input_dtype), np.zeros(count, self.source.target_dtype), keys, np.ones(count, bool))
+            return Chunk(np.zeros((count, *manifest.shape), self.source.input_dtype), np.zeros(count, self.source.target_dtype), np.array(keys, object), np.ones(count, bool))
 
 
 def _keys_or_placeholders(raw: dict, count: int) -> list[str]:
@@ -258,6 +257,8 @@ def _keys_or_placeholders(raw: dict, count: int) -> list[str]:
 
 def bad_reports(chunk: Chunk, cursor: _StreamCursor) -> list[str]:
     """One line per bad sample in what is about to be delivered (a sample read by two workers is reported once)."""
+    if not chunk.bad.any():
+        return []
     return [f"{chunk.keys[i]} ({cursor.bad_reasons.get(chunk.keys[i], 'failed to decode')})" for i in np.flatnonzero(chunk.bad).tolist()]
 
 
@@ -357,8 +358,9 @@ class StreamingTrainLoader(MapStyleTrainLoader):
         """Per optimizer step, this rank's micro-batches with their sample keys."""
         start_step = self.samples_consumed // self.plan.global_batch_size
         dataset = RankEpochStream(self.source, self.order, self.epoch, start_step, self.steps_per_epoch, self.arithmetic, self.dist_env.global_rank, self.input_shape, self.skip_bad)
-        # batch_size=None: the dataset yields whole micro-batches, so nothing re-batches (or re-splits) them.
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+        # batch_size=None: the dataset yields whole micro-batches, so nothing re-batches (or re-splits) them;
+        # no collate either: default_convert would walk every sample key.
+        loader = DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=self.num_workers, persistent_workers=False)
         step: list = []
         for expected, item in enumerate(loader):
             if item[0] == "error":
@@ -369,7 +371,7 @@ class StreamingTrainLoader(MapStyleTrainLoader):
             for report in reports:
                 log.warning("rank %d skipped bad sample %s", self.dist_env.global_rank, report)
             self.skipped_samples += len(reports)
-            step.append((inputs, targets, keys))
+            step.append((inputs, targets, keys.tolist()))
             if len(step) == self.arithmetic.grad_accum_steps:
                 # Count the step before handing it out: a checkpoint taken after this step resumes after it.
                 self.samples_consumed += self.plan.global_batch_size
