@@ -17,3 +17,13 @@ def _restore_environment(monkeypatch):
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _digits_shards():
+    """The digits presets train from data/digits shards, as `make demo` does; a no-op once they are there."""
+    from dist_train.cli import main
+
+    from .procs import REPO
+
+    assert main(["data", "prepare", "--source", "digits", "--out", str(REPO / "data" / "digits")]) == 0
