@@ -171,7 +171,7 @@ class AccelerateSettings:
 
 
 class AccelerateEnvironment(TorchElasticEnvironment):
-    """`accelerate launch`: torchrun variables plus ACCELERATE_* settings exported from its config.
+    """`accelerate launch`: torchrun's variables (none for one process) plus ACCELERATE_* settings from its config.
 
     accelerate always exports ACCELERATE_MIXED_PRECISION; with DeepSpeed also ACCELERATE_USE_DEEPSPEED and,
     when its config sets them, the ZeRO stage, accumulation steps, clipping and a DeepSpeed JSON path.
@@ -181,11 +181,13 @@ class AccelerateEnvironment(TorchElasticEnvironment):
 
     @staticmethod
     def detect(env: Mapping[str, str]) -> bool:
-        return TorchElasticEnvironment.detect(env) and "ACCELERATE_MIXED_PRECISION" in env
+        return "ACCELERATE_MIXED_PRECISION" in env
 
     @staticmethod
     def facts(env: Mapping[str, str]) -> dict:
-        return dict(TorchElasticEnvironment.facts(env), accelerate=AccelerateEnvironment.settings(env))
+        # With one process accelerate runs the script directly, without torchrun's variables.
+        base = TorchElasticEnvironment if TorchElasticEnvironment.detect(env) else PlainEnvironment
+        return dict(base.facts(env), accelerate=AccelerateEnvironment.settings(env))
 
     @staticmethod
     def settings(env: Mapping[str, str]) -> AccelerateSettings:

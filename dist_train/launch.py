@@ -9,6 +9,11 @@ passed along but only a static rendezvous would honour it (nothing in dist_train
 checkpoint writer is global rank 0 wherever it lands). With --max-restarts K torchrun restarts all
 workers after a failure and dist_train resumes them from the newest checkpoint (TORCHELASTIC_RESTART_COUNT
 > 0 turns on train.resume=auto).
+
+torchrun is started with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (unless set otherwise): when the workers share
+the rendezvous store with the agent, a restarted worker can read the previous attempt's rank-0 address from
+it and fail to connect (pytorch/pytorch#135712; reproduced here with gloo). Raw `torchrun --max-restarts`
+users should set it too.
 """
 
 from __future__ import annotations
@@ -70,6 +75,8 @@ def launch_command(args: argparse.Namespace) -> int:
         print("\n".join([*lines, shlex.join(cmd)]), flush=True)
         return 0
     print("\n".join([*lines, f"dist-train launch: {shlex.join(cmd)}"]), flush=True)
+    env = dict(os.environ)
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     # exec, not a child: Ctrl-C and the scheduler's signals reach torchrun directly, and its exit status is ours.
-    os.execv(cmd[0], cmd)
+    os.execve(cmd[0], cmd, env)
     raise AssertionError("unreachable")  # pragma: no cover

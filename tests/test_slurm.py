@@ -18,6 +18,7 @@ import torch
 
 from tests.procs import REPO, clean_env
 from tests.slurm_cluster import SlurmCluster, missing_binaries
+from tests.workers.paced_model import TOTAL_STEPS, TRAIN_ARGS
 
 pytestmark = [
     pytest.mark.slurm,
@@ -25,17 +26,6 @@ pytestmark = [
     pytest.mark.skipif(bool(missing_binaries()), reason=f"Slurm/munge binaries missing ({', '.join(missing_binaries())}); run tests/install_system_deps.sh as root"),
 ]
 
-TOTAL_STEPS = 100  # 4 epochs x 25 steps (819 samples, global batch 32)
-TRAIN_ARGS = [
-    "configs/linear_regression.yaml",
-    "model.name=tests.workers.paced_model:PacedLinear",
-    "model.input_shape=[1]",
-    "model.task=regression",
-    "model.kwargs={delay_seconds: 0.03}",
-    "train.epochs=4",
-    "train.log_interval=5",
-    "train.progress_bar=false",
-]
 
 
 @pytest.fixture(scope="module")

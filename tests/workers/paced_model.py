@@ -23,3 +23,17 @@ class PacedLinear(nn.Module):
         if self.training:
             time.sleep(self.delay_seconds)
         return self.linear(x)
+
+
+# The CLI arguments of a paced run: linear regression, 4 epochs x 25 steps (819 samples, global batch 32).
+TRAIN_ARGS = [
+    "configs/linear_regression.yaml",
+    "model.name=tests.workers.paced_model:PacedLinear",
+    "model.input_shape=[1]",
+    "model.task=regression",
+    "model.kwargs={delay_seconds: 0.03}",
+    "train.epochs=4",
+    "train.log_interval=5",
+    "train.progress_bar=false",
+]
+TOTAL_STEPS = 100
