@@ -82,6 +82,14 @@ def test_launch_refuses_a_batch_that_does_not_divide_before_starting(capsys):
     assert "train.global_batch_size=64 is not divisible" in capsys.readouterr().err
 
 
+def test_launch_scripts_build_the_documented_commands():
+    env = {"PYTHON": sys.executable, "DRY_RUN": "1", "NNODES": "2", "RDZV_ENDPOINT": "node1:29400"}
+    single = run(["bash", "launch/torchrun_single_node.sh", "2", *CNN_SHORT], env=env, timeout=120).stdout
+    assert "--nproc_per_node 2 --standalone -m dist_train train configs/cnn_digits.yaml" in single
+    multi = run(["bash", "launch/torchrun_multi_node.sh", "1", *CNN_SHORT], env=env, timeout=120).stdout
+    assert "--nnodes 2 --node_rank 0 --rdzv_backend c10d --rdzv_endpoint node1:29400 --rdzv_id dist_train" in multi
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """`dist-train launch --nproc-per-node 2` (torchrun, standalone rendezvous): 2 processes train and evaluate."""
