@@ -48,7 +48,7 @@ def _tutorial_loop(preset: str, overrides: list[str], batch_size: int) -> dict[s
 
 @pytest.mark.parametrize("preset", ["mlp_digits.yaml", "cnn_digits.yaml"])
 def test_two_ranks_with_accumulation_equal_one_big_batch_and_the_tutorial_loop(preset, tmp_path):
-    common = [f"train.max_steps={STEPS}", "train.global_batch_size=32", "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9"]
+    common = ["data.source=digits", f"train.max_steps={STEPS}", "train.global_batch_size=32", "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9"]
     distributed = _train_cli(preset, tmp_path / "w2", 2, *common, "train.micro_batch_size=8")  # 8 x 2 ranks x 2 accum
     single = _train_cli(preset, tmp_path / "w1", 1, *common, "train.micro_batch_size=32")  # 32 x 1 x 1
     tutorial = _tutorial_loop(preset, common, batch_size=32)
@@ -61,7 +61,7 @@ def test_two_ranks_with_accumulation_equal_one_big_batch_and_the_tutorial_loop(p
 
 def test_only_the_last_micro_batch_synchronises_gradients(tmp_path):
     out = tmp_path / "nosync"
-    worker("core_train.py", ["nosync", str(out), f"output_dir={tmp_path}", "train.max_steps=5", "train.global_batch_size=64", "train.micro_batch_size=8", "checkpoint.save_at_end=false"], timeout=240)
+    worker("core_train.py", ["nosync", str(out), "data.source=digits", f"output_dir={tmp_path}", "train.max_steps=5", "train.global_batch_size=64", "train.micro_batch_size=8", "checkpoint.save_at_end=false"], timeout=240)
     for rank in (0, 1):
         result = json.loads(Path(f"{out}.rank{rank}.json").read_text())
         accum = result["grad_accum_steps"]
@@ -84,7 +84,7 @@ def test_every_tutorial_model_trains_under_ddp(tmp_path):
 
 
 def test_main_job_cnn_on_digits_reaches_95_percent(tmp_path):
-    result = dist_train(["train", "configs/cnn_digits.yaml", f"output_dir={tmp_path}", "train.progress_bar=false"], nproc=2, timeout=300)
+    result = dist_train(["train", "configs/cnn_digits.yaml", "data.source=digits", f"output_dir={tmp_path}", "train.progress_bar=false"], nproc=2, timeout=300)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["eval"]["eval/samples"] == 359
     assert summary["eval"]["eval/accuracy"] >= 0.95, summary
@@ -105,7 +105,7 @@ def test_bf16_matches_fp32_and_fp16_scales_the_loss(tmp_path):
     losses = {}
     for precision in ("fp32", "bf16", "fp16"):
         out = tmp_path / precision
-        dist_train(["train", "configs/mlp_digits.yaml", f"output_dir={out}", f"train.precision={precision}", "checkpoint.save_at_end=false", *common], nproc=1, timeout=240)
+        dist_train(["train", "configs/mlp_digits.yaml", "data.source=digits", f"output_dir={out}", f"train.precision={precision}", "checkpoint.save_at_end=false", *common], nproc=1, timeout=240)
         summary = json.loads((out / "summary.json").read_text())
         losses[precision] = summary["eval"]["eval/loss"]
         assert summary["optimizer_steps"] == 20
