@@ -1,7 +1,7 @@
 """The sbatch templates on a real single-machine Slurm cluster (two emulated nodes), started and stopped here.
 
-One uninterrupted 2-node job is the reference; a second job gets the preemption signal mid-run, checkpoints,
-requeues itself, resumes, and must end with bit-identical parameters. The model is a paced linear
+One uninterrupted 2-node job (multi-node template) is the reference; a 2-task single-node job gets the
+preemption signal mid-run, checkpoints, requeues itself, resumes, and must end with bit-identical parameters. The model is a paced linear
 regression, so the signal lands mid-run however fast the machine is.
 """
 
@@ -42,11 +42,11 @@ def _job_env() -> dict:
     return clean_env({"DIST_TRAIN_PYTHON": sys.executable, "PYTHONPATH": str(REPO)})
 
 
-def _submit(cluster: SlurmCluster, out: Path, log: Path) -> str:
+def _submit(cluster: SlurmCluster, template: str, out: Path, log: Path, shape: list[str]) -> str:
     return cluster.sbatch(
-        REPO / "slurm" / "multi_node.sbatch",
+        REPO / "slurm" / template,
         [*TRAIN_ARGS, f"output_dir={out}"],
-        sbatch_args=["--nodes=2", "--ntasks-per-node=1", f"--output={log}", f"--chdir={REPO}"],
+        sbatch_args=[*shape, f"--output={log}", f"--chdir={REPO}"],
         env=_job_env(),
     )
 
@@ -60,7 +60,7 @@ def reference_run(cluster, tmp_path_factory):
     """The multi-node template, 2 nodes x 1 task, run to completion without interruption."""
     root = tmp_path_factory.mktemp("slurm_reference")
     out, log = root / "out", root / "job.log"
-    job_id = _submit(cluster, out, log)
+    job_id = _submit(cluster, "multi_node.sbatch", out, log, ["--nodes=2", "--ntasks-per-node=1"])
     info = cluster.wait_for_state(job_id, ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"], timeout=240)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED", f"{info}\n{text}"
@@ -81,8 +81,9 @@ def test_multi_node_template_runs_with_correct_ranks(reference_run):
 
 
 def test_preempted_job_checkpoints_requeues_resumes_and_matches(cluster, reference_run, tmp_path):
+    """The single-node template, 2 tasks: same world size as the reference, so the same arithmetic."""
     out, log = tmp_path / "out", tmp_path / "job.log"
-    job_id = _submit(cluster, out, log)
+    job_id = _submit(cluster, "single_node.sbatch", out, log, ["--nodes=1", "--ntasks-per-node=2"])
 
     # Signal once training is under way (a log line is printed every 5 steps).
     deadline = time.monotonic() + 180
