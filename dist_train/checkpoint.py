@@ -20,6 +20,7 @@ Loading never unpickles arbitrary objects: per-rank files load with `weights_onl
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import enum
 import io
 import json
@@ -77,8 +78,9 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(f"{path}/{META_FILE} is missing or unreadable ({e}); not a complete dist_train checkpoint") from None
 
 
-def find_checkpoint(spec: str, output_dir: Path) -> Optional[Path]:
-    """'auto' -> newest complete checkpoint under output_dir (None if there is none); else the given path."""
+def find_checkpoint(spec: str, output_dir: Path, key: str = "train.resume") -> Optional[Path]:
+    """'auto' -> newest complete checkpoint under output_dir (None if there is none); else the given path
+    (a step-N directory, or an output directory: its newest). `key` names the setting in error messages."""
     if spec == "auto":
         found = complete_checkpoints(output_dir / "checkpoints")
         return found[-1] if found else None
@@ -86,12 +88,14 @@ def find_checkpoint(spec: str, output_dir: Path) -> Optional[Path]:
     if (path / "checkpoints").is_dir():  # an output directory was given
         found = complete_checkpoints(path / "checkpoints")
         if not found:
-            raise CheckpointError(f"train.resume={spec}: no complete checkpoint under {path / 'checkpoints'}")
+            raise CheckpointError(f"{key}={spec}: no complete checkpoint under {path / 'checkpoints'}")
         return found[-1]
     if not path.is_dir():
-        raise CheckpointError(f"train.resume={spec}: no such checkpoint directory")
+        raise CheckpointError(f"{key}={spec}: no such checkpoint directory")
+    if not path.name.startswith((STEP_PREFIX, TMP_PREFIX)) and not (path / META_FILE).exists():
+        raise CheckpointError(f"{key}={spec} is neither a step-N checkpoint directory nor an output_dir with checkpoints/ in it")
     if not is_complete(path):
-        raise CheckpointError(f"train.resume={spec}: the checkpoint is incomplete (no {COMPLETE_MARKER} marker); pick an older step-N directory")
+        raise CheckpointError(f"{key}={spec}: the checkpoint is incomplete (no {COMPLETE_MARKER} marker); pick an older step-N directory")
     return path
 
 
@@ -151,11 +155,15 @@ def _rng_from_saved(saved: dict) -> dict:
 
 def save_side_state(directory: Path, extra_state: dict, dist_env: DistEnv) -> None:
     """Trainer progress / data position / tracker (same on every rank: main writes) and per-rank RNG."""
+    # fsynced like DCP's shards, so a COMPLETE marker that survives a power loss never points at lost files.
     if "rng" in extra_state:
-        torch.save({"rng": _rng_to_saveable(extra_state["rng"].state_dict())}, directory / f"rank-{dist_env.global_rank}.state.pt")
+        with open(directory / f"rank-{dist_env.global_rank}.state.pt", "wb") as f:
+            torch.save({"rng": _rng_to_saveable(extra_state["rng"].state_dict())}, f)
+            f.flush()
+            os.fsync(f.fileno())
     if dist_env.is_main:
         shared = {k: v.state_dict() for k, v in extra_state.items() if k != "rng"}
-        (directory / TRAINER_FILE).write_text(json.dumps(shared, indent=2))
+        _write_synced(directory / TRAINER_FILE, json.dumps(shared, indent=2))
 
 
 def load_side_state(directory: Path, extra_state: dict, dist_env: DistEnv) -> None:
@@ -289,7 +297,8 @@ def _async_process_group(strategy: "Strategy") -> Any:
         return None
     group = getattr(strategy, "_checkpoint_process_group", None)
     if group is None:
-        group = dist.new_group(backend="gloo")  # collective: every rank saves at the same step
+        timeout = datetime.timedelta(seconds=strategy.cfg.strategy.timeout_seconds)
+        group = dist.new_group(backend="gloo", timeout=timeout)  # collective: every rank saves at the same step
         strategy._checkpoint_process_group = group  # type: ignore[attr-defined]
     return group
 

@@ -19,7 +19,7 @@ from .checkpoint import CheckpointError, find_checkpoint, load_dcp_full, read_me
 
 
 def export_checkpoint(checkpoint: str, out: str, tutorial_dict_path: Optional[str] = None) -> int:
-    path = find_checkpoint(checkpoint, Path(checkpoint))
+    path = find_checkpoint(checkpoint, Path(checkpoint), key="checkpoint")
     if path is None:
         raise CheckpointError(f"{checkpoint}: no complete checkpoint found")
     meta = read_meta(path)
