@@ -21,6 +21,7 @@ from tests.procs import REPO, dist_train, worker
 deepspeed_strategy = pytest.importorskip("dist_train.strategies.deepspeed", reason="DeepSpeed is not installed")
 
 MLP = REPO / "configs" / "mlp_digits.yaml"
+DIGITS = ["data.source=digits"]  # in memory, as tests/workers/ds_scenarios.py trains on
 
 
 def _model(run: Path) -> dict[str, torch.Tensor]:
@@ -38,10 +39,10 @@ def scenarios(tmp_path_factory) -> tuple[Path, dict]:
 
 
 @pytest.mark.slow
-def test_zero_stages_match_ddp_with_accumulation(scenarios):
+def test_zero_stages_match_ddp_with_accumulation_and_clipping(scenarios):
     out, results = scenarios
     seed_everything(0)
-    initial = build_model(load_config(MLP).model).state_dict()
+    initial = build_model(load_config(MLP, DIGITS).model).state_dict()
     ddp = _model(out / "ddp")
     assert all(not torch.equal(ddp[k], initial[k]) for k in ddp), "DDP reference did not train"
     for run in ("zero1", "zero2", "zero3", "zero2_json_optimizer"):
@@ -52,6 +53,9 @@ def test_zero_stages_match_ddp_with_accumulation(scenarios):
             # fp32; ZeRO reduce-scatters where DDP all-reduces, so the sums round differently (seen: 7e-9).
             torch.testing.assert_close(zero[name], reference, rtol=1e-5, atol=1e-6, msg=f"{run} vs DDP: {name}")
         assert results[run]["summary"]["eval"]["eval/accuracy"] == results["ddp"]["summary"]["eval"]["eval/accuracy"]
+        # Norms before clipping, as DDP reports them; all above train.grad_clip=0.5, so clipping acted.
+        assert min(results["ddp"]["grad_norms"]) > 0.5
+        assert results[run]["grad_norms"] == pytest.approx(results["ddp"]["grad_norms"], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -88,7 +92,7 @@ def test_export_from_zero3_loads_into_the_plain_model_with_the_trainers_accuracy
     out, results = scenarios
     exported = tmp_path / "exported.pt"
     dist_train(["export", str(out / "resume3_full"), "--out", str(exported)], timeout=180)
-    cfg = load_config(MLP)
+    cfg = load_config(MLP, DIGITS)
     model = build_model(cfg.model)
     model.load_state_dict(torch.load(exported, weights_only=True))  # strict: the tutorial's keys and shapes
     for name, value in _model(out / "resume3_full").items():  # the trainer's own model.pt (gathered in memory)
@@ -108,7 +112,7 @@ def test_export_from_zero3_loads_into_the_plain_model_with_the_trainers_accuracy
 
 
 def _ds_config(tmp_path: Path, user: dict | None, *overrides: str, world_size: int = 2) -> dict:
-    cfg = load_config(MLP, ["train.global_batch_size=32", "train.micro_batch_size=8", "strategy.name=deepspeed", *overrides])
+    cfg = load_config(MLP, [*DIGITS, "train.global_batch_size=32", "train.micro_batch_size=8", "strategy.name=deepspeed", *overrides])
     source = None
     if user is not None:
         source = tmp_path / "user.json"
@@ -159,7 +163,7 @@ def test_the_cli_refuses_a_conflicting_json_in_one_line(tmp_path):
 
 
 def test_fp16_on_cpu_is_refused_naming_train_precision():
-    cfg = load_config(MLP, ["strategy.name=deepspeed", "train.precision=fp16"])
+    cfg = load_config(MLP, [*DIGITS, "strategy.name=deepspeed", "train.precision=fp16"])
     with pytest.raises(ConfigError, match="train.precision=fp16 with strategy.name=deepspeed needs a GPU"):
         deepspeed_strategy.DeepSpeedStrategy(cfg, DistEnv(), batch_arithmetic(cfg.train, 1))
 
