@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -120,6 +121,10 @@ class Trainer:
         spec = model_spec(cfg.model)
         strategy = build_strategy(cfg, dist_env, arithmetic)
         data = build_data(cfg, spec, arithmetic, dist_env)
+        if cfg.train.deterministic:
+            # Bitwise-repeatable kernels (slower); CUDA also needs a fixed cuBLAS workspace.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
         # Same seed on every rank: identical initial replicas (DDP would broadcast anyway; ZeRO does not).
         seed_everything(cfg.train.seed)
         model = build_model(cfg.model)

@@ -189,6 +189,8 @@ SOURCES: dict[str, Callable[[DataConfig, ModelSpec], SourceData]] = {
 
 
 def load_source(cfg: DataConfig, spec: ModelSpec) -> SourceData:
+    if cfg.source == "shards":
+        raise ConfigError("data.source=shards streams from tar files and has no in-memory form; use data.source=digits (or another map-style source) here")
     try:
         loader = SOURCES[cfg.source]
     except KeyError:
