@@ -40,7 +40,7 @@ def train(config_path: str, overrides: Sequence[str]) -> int:
             (out / "config.yaml").write_text(cfg.to_yaml())
             print("resolved config:\n" + cfg.to_yaml(), flush=True)
         trainer = Trainer.build(cfg, dist_env)
-        with stop_on_signals(trainer, cfg.train.preemption_signal, announce=dist_env.is_main):
+        with stop_on_signals(trainer, cfg.train.preemption_signal, announce=dist_env.is_main) as stop_signals:
             summary = trainer.fit()
         if dist_env.is_main:
             accuracy = summary["eval"].get("eval/accuracy")
@@ -51,7 +51,7 @@ def train(config_path: str, overrides: Sequence[str]) -> int:
         # Close the tracker before a Slurm requeue, which ends this job's processes.
         trainer.close()
         trainer = None
-        return finish_interrupted(e, dist_env)
+        return finish_interrupted(e, dist_env, preempted=stop_signals.preempted)
     finally:
         if trainer is not None:
             trainer.close()

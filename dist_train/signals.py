@@ -8,6 +8,9 @@ trainer max-reduces the flag at the next step boundary, so all ranks save the sa
 `finish_interrupted` then requeues a Slurm job from the main process (`scontrol requeue`), and the
 requeued job resumes from that checkpoint because `SLURM_RESTART_COUNT` is set.
 
+Only the preemption signal requeues. SIGTERM under Slurm means `scancel` or the hard time limit (or a
+preemption that Slurm requeues by itself): the checkpoint is saved and the job ends.
+
 Not SIGUSR1 by default: NCCL may use it, and a stray USR1 should not stop training.
 """
 
@@ -49,9 +52,10 @@ def resolve_signal(name: str) -> signal.Signals:
 class StopOnSignals:
     """Context manager: while active, the signals set `target.stop_requested = True`; restores the old handlers."""
 
-    def __init__(self, target: Any, signals: list[signal.Signals], announce: bool = True) -> None:
+    def __init__(self, target: Any, signals: list[signal.Signals], preemption_signal: signal.Signals, announce: bool = True) -> None:
         self.target = target
-        self.signals = list(dict.fromkeys(signals))
+        self.signals = list(dict.fromkeys([*signals, preemption_signal]))
+        self.preemption_signal = preemption_signal
         self.announce = announce
         self.received: list[str] = []
         self._previous: dict[signal.Signals, Any] = {}
@@ -60,6 +64,11 @@ class StopOnSignals:
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    @property
+    def preempted(self) -> bool:
+        """The preemption signal (not just SIGTERM/SIGINT) arrived: the job should requeue."""
+        return self.preemption_signal.name in self.received
 
     def __exit__(self, *exc: object) -> None:
         for sig, previous in self._previous.items():
@@ -76,7 +85,7 @@ class StopOnSignals:
 
 
 def stop_on_signals(target: Any, preemption_signal: str, announce: bool = True) -> StopOnSignals:
-    return StopOnSignals(target, [signal.SIGTERM, signal.SIGINT, resolve_signal(preemption_signal)], announce)
+    return StopOnSignals(target, [signal.SIGTERM, signal.SIGINT], resolve_signal(preemption_signal), announce)
 
 
 def requeue_slurm_job(job_id: str, timeout: float = 60.0) -> tuple[bool, str]:
@@ -100,21 +109,30 @@ def requeue_slurm_job(job_id: str, timeout: float = 60.0) -> tuple[bool, str]:
     return True, f"requeued Slurm job {job_id}; it resumes from the checkpoint when Slurm restarts it"
 
 
-def finish_interrupted(reason: BaseException, dist_env: DistEnv) -> int:
-    """After the collective checkpoint: say so, requeue under Slurm (main process only), return the exit status.
+def finish_interrupted(reason: BaseException, dist_env: DistEnv, preempted: bool) -> int:
+    """After the collective checkpoint: say so, requeue a preempted Slurm job (main process), return the status.
 
-    The status is EXIT_INTERRUPTED either way: the training did not finish in this process, and a wrapper
-    script must not mistake the stop for success. A requeued job runs again regardless of it.
+    `preempted`: this rank got the preemption signal; any rank's counts. The status is EXIT_INTERRUPTED
+    either way: the training did not finish in this process, and a wrapper script must not mistake the stop
+    for success. A requeued job runs again regardless of it.
     """
-    if dist_env.is_main:
-        print(f"dist-train: interrupted: {reason}", file=sys.stderr, flush=True)
-        if dist_env.slurm_job_id is not None:
-            _, message = requeue_slurm_job(dist_env.slurm_job_id)
-            print(f"dist-train: {message}", file=sys.stderr, flush=True)
-    # The other ranks wait for the requeue: an earlier non-zero exit would let srun (--kill-on-bad-exit)
-    # end the step, and rank 0 with it, before `scontrol requeue` was sent.
+    import torch
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    grouped = dist.is_available() and dist.is_initialized()
+    if grouped:
+        flag = torch.tensor([float(preempted)], device=dist_env.torch_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        preempted = bool(flag.item())
+    if dist_env.is_main:
+        print(f"dist-train: interrupted: {reason}", file=sys.stderr, flush=True)
+        if dist_env.slurm_job_id is not None and preempted:
+            _, message = requeue_slurm_job(dist_env.slurm_job_id)
+            print(f"dist-train: {message}", file=sys.stderr, flush=True)
+        elif dist_env.slurm_job_id is not None:
+            print(f"dist-train: Slurm job {dist_env.slurm_job_id} not requeued: only the preemption signal (train.preemption_signal) requeues", file=sys.stderr, flush=True)
+    # The other ranks wait for the requeue: an earlier non-zero exit would let srun (--kill-on-bad-exit)
+    # end the step, and rank 0 with it, before `scontrol requeue` was sent.
+    if grouped:
         dist.barrier()
     return EXIT_INTERRUPTED

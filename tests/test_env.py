@@ -166,8 +166,16 @@ def test_signal_sets_stop_request_and_old_handler_returns():
     before = signal.getsignal(signal.SIGUSR2)
     with stop_on_signals(target, "SIGUSR2", announce=False) as handler:
         os.kill(os.getpid(), signal.SIGUSR2)
-        assert target.stop_requested and handler.received == ["SIGUSR2"]
+        assert target.stop_requested and handler.received == ["SIGUSR2"] and handler.preempted
     assert signal.getsignal(signal.SIGUSR2) is before
+
+
+def test_sigterm_stops_but_does_not_ask_for_a_requeue():
+    # Under Slurm SIGTERM is scancel or the hard time limit: save and end, requeue only on the preemption signal.
+    target = _Target()
+    with stop_on_signals(target, "SIGUSR2", announce=False) as handler:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert target.stop_requested and handler.received == ["SIGTERM"] and not handler.preempted
 
 
 def test_requeue_without_scontrol_says_so(monkeypatch, tmp_path):

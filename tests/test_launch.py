@@ -40,10 +40,22 @@ def _assert_same_parameters(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-def _start(cmd: list, log: Path, env: dict | None = None) -> subprocess.Popen:
-    """A background job in its own process group, output to `log` (so the test can watch it)."""
-    with open(log, "wb") as f:
-        return subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=clean_env(env), start_new_session=True)
+@pytest.fixture
+def start():
+    """Starts background jobs, each in its own process group with output to a log the test can watch;
+    whatever is still running when the test ends (a failed assertion included) is killed by group id."""
+    started: list[subprocess.Popen] = []
+
+    def _start(cmd: list, log: Path, env: dict | None = None) -> subprocess.Popen:
+        with open(log, "wb") as f:
+            proc = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=clean_env(env), start_new_session=True)
+        started.append(proc)
+        return proc
+
+    yield _start
+    for proc in started:
+        kill_group(proc)
+        proc.wait()
 
 
 def _wait(proc: subprocess.Popen, log: Path, timeout: float) -> str:
@@ -109,11 +121,11 @@ def test_torchrun_two_processes_train_and_evaluate(reference):
 
 
 @pytest.mark.slow
-def test_two_nodes_with_c10d_rendezvous(reference, tmp_path):
+def test_two_nodes_with_c10d_rendezvous(reference, tmp_path, start):
     """Two `dist-train launch --nnodes 2` commands (one process each) meet at a c10d rendezvous."""
     out, endpoint = tmp_path / "out", f"127.0.0.1:{free_port()}"
     nodes = [
-        _start([*LAUNCH, "--nproc-per-node", "1", "--nnodes", "2", "--node-rank", str(r), "--rdzv-endpoint", endpoint, "--rdzv-id", "t2n", *PACED, f"output_dir={out}"], tmp_path / f"node{r}.log")
+        start([*LAUNCH, "--nproc-per-node", "1", "--nnodes", "2", "--node-rank", str(r), "--rdzv-endpoint", endpoint, "--rdzv-id", "t2n", *PACED, f"output_dir={out}"], tmp_path / f"node{r}.log")
         for r in range(2)
     ]
     outputs = [_wait(p, tmp_path / f"node{r}.log", timeout=300) for r, p in enumerate(nodes)]
@@ -125,9 +137,9 @@ def test_two_nodes_with_c10d_rendezvous(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_max_restarts_resumes_after_a_rank_is_killed(reference, tmp_path):
+def test_max_restarts_resumes_after_a_rank_is_killed(reference, tmp_path, start):
     out, log = tmp_path / "out", tmp_path / "job.log"
-    proc = _start([*LAUNCH, "--nproc-per-node", "2", "--max-restarts", "1", *PACED, "checkpoint.interval_steps=10", f"output_dir={out}"], log)
+    proc = start([*LAUNCH, "--nproc-per-node", "2", "--max-restarts", "1", *PACED, "checkpoint.interval_steps=10", f"output_dir={out}"], log)
     _wait_until(lambda: any((out / "checkpoints").glob("step-*/COMPLETE")), proc, log, 300, "a complete checkpoint")
     # `dist-train launch` exec'd torchrun, so proc.pid is the agent; its workers carry RANK in their environment.
     workers = {w.environ().get("RANK"): w for w in psutil.Process(proc.pid).children()}
@@ -142,9 +154,9 @@ def test_max_restarts_resumes_after_a_rank_is_killed(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_outside_slurm_saves_and_exits_interrupted(tmp_path):
+def test_sigterm_outside_slurm_saves_and_exits_interrupted(tmp_path, start):
     out, log = tmp_path / "out", tmp_path / "run.log"
-    proc = _start([sys.executable, "-m", "dist_train", "train", *PACED, f"output_dir={out}"], log)
+    proc = start([sys.executable, "-m", "dist_train", "train", *PACED, f"output_dir={out}"], log)
     _wait_until(lambda: re.search(r"step\s+5 \|", log.read_text()), proc, log, 300, "training progress")
     proc.send_signal(signal.SIGTERM)
     output = _wait(proc, log, timeout=120)
