@@ -87,6 +87,8 @@ class SlurmCluster:
     # ------------------------------------------------------------ start / stop
 
     def start(self, timeout: float = 60) -> "SlurmCluster":
+        if os.geteuid() != 0:
+            raise RuntimeError("the test Slurm cluster runs slurmctld/slurmd as root and munged as user munge: run the Slurm tests as root")
         unresolved = [n for n in NODES if not _resolves(n)]
         if unresolved:
             raise RuntimeError(f"{', '.join(unresolved)} do not resolve; run tests/install_system_deps.sh (adds '127.0.0.1 node1 node2' to /etc/hosts)")
