@@ -18,7 +18,7 @@ def main() -> int:
     failed = []
     for script in SCRIPTS:
         print(f"\n=== {script}", flush=True)
-        if subprocess.run([sys.executable, str(HERE / script), ]).returncode != 0:
+        if subprocess.run([sys.executable, str(HERE / script)]).returncode != 0:
             failed.append(script)
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
