@@ -256,9 +256,18 @@ class Trainer:
         window.compute += time.perf_counter() - compute_start
 
     def _stop_agreed(self) -> bool:
-        """All ranks must stop at the same step, or the next collective hangs: max-reduce the local flag."""
-        stop = self.stop_requested or self.progress.optimizer_step == self.cfg.train.stop_at_step
-        flag = torch.tensor([1.0 if stop else 0.0], device=self.strategy.device)
+        """All ranks must stop at the same step, or the next collective hangs: max-reduce the local flag.
+
+        The reduction costs a collective and a host sync, so it runs only at log steps (where the loop syncs
+        anyway); a preemption signal gives minutes of warning. `train.stop_at_step` is in every rank's config
+        and needs no agreement.
+        """
+        step = self.progress.optimizer_step
+        if step == self.cfg.train.stop_at_step:
+            return True
+        if step % self.cfg.train.log_interval:
+            return False
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.strategy.device)
         return bool(self.strategy.all_reduce_max(flag).item())
 
     def _log(self, window: "_Window", bar: Any) -> None:
