@@ -181,7 +181,8 @@ class Trainer:
             data_wait_start = time.perf_counter()
             for step_batches in train_loader:
                 window.data_wait += time.perf_counter() - data_wait_start
-                self._optimizer_step(step_batches, window)
+                next_step = self.progress.optimizer_step + 1
+                self._optimizer_step(step_batches, window, will_log=next_step % cfg.train.log_interval == 0 or next_step == total_steps)
                 bar.update(1)
                 step = self.progress.optimizer_step
                 epoch_done = step % steps_per_epoch == 0
@@ -230,7 +231,7 @@ class Trainer:
         self._write_outputs(summary)
         return summary
 
-    def _optimizer_step(self, step_batches: list, window: "_Window") -> None:
+    def _optimizer_step(self, step_batches: list, window: "_Window", will_log: bool = True) -> None:
         strategy, device = self.strategy, self.strategy.device
         last = len(step_batches) - 1
         compute_start = time.perf_counter()
@@ -245,7 +246,7 @@ class Trainer:
             window.loss_sum += loss.detach()
             window.micro_batches += 1
             self.progress.micro_step += 1
-        result = strategy.optimizer_step()
+        result = strategy.optimizer_step(compute_grad_norm=will_log)
         if not strategy.steps_scheduler:
             strategy.scheduler.step()
         self.progress.optimizer_step += 1
@@ -284,7 +285,7 @@ class Trainer:
         metrics = {
             "train/loss": loss,
             "train/lr": self.strategy.optimizer.param_groups[0]["lr"],
-            "train/grad_norm": float(window.grad_norm),
+            "train/grad_norm": float("nan") if window.grad_norm is None else float(window.grad_norm),
             "train/samples_per_second": window.steps * self.arithmetic.global_batch_size / max(elapsed, 1e-9),
             "train/data_wait_fraction": window.data_wait / max(window.data_wait + window.compute, 1e-9),
             "train/epoch": self.progress.epoch,

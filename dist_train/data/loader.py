@@ -9,6 +9,7 @@ batch) which means the same thing on any number of ranks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator, Optional
@@ -22,6 +23,7 @@ from .sources import Split
 from .transforms import adapt_images
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+PREFIT_LIMIT_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,11 @@ class InMemoryDataset(Dataset):
         self.split = split
         self.input_shape = input_shape
         self.images = images
+        # Fitting images to the model (float, resize) once beats redoing it every epoch, while it fits in
+        # memory; a large split (CIFAR at 224x224) is fitted batch by batch instead.
+        self.fitted: Optional[torch.Tensor] = None
+        if images and len(split) * math.prod(input_shape) * 4 <= PREFIT_LIMIT_BYTES:
+            self.fitted = adapt_images(split.inputs, input_shape)
 
     def __len__(self) -> int:
         return len(self.split)
@@ -68,8 +75,12 @@ class InMemoryDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> Batch:
         idx = torch.as_tensor(indices, dtype=torch.long)
-        inputs = self.split.inputs[idx]
-        inputs = adapt_images(inputs, self.input_shape) if self.images else inputs.float()
+        if self.fitted is not None:
+            inputs = self.fitted[idx]
+        elif self.images:
+            inputs = adapt_images(self.split.inputs[idx], self.input_shape)
+        else:
+            inputs = self.split.inputs[idx].float()
         return inputs, self.split.targets[idx]
 
 

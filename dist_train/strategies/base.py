@@ -24,7 +24,7 @@ from ..env import DistEnv
 
 @dataclass
 class StepResult:
-    grad_norm: torch.Tensor  # global norm before clipping (0-dim tensor; no host sync forced)
+    grad_norm: Optional[torch.Tensor]  # global norm before clipping (0-dim tensor, no host sync); None if not asked for
     skipped: bool  # fp16 overflow: the optimizer did not step (same answer on every rank)
 
 
@@ -95,8 +95,12 @@ class Strategy(ABC):
         """`micro_batch_loss` is the mean over one micro-batch; the strategy normalises over the global batch."""
 
     @abstractmethod
-    def optimizer_step(self) -> StepResult:
-        """Clip, step, zero the gradients; called once per optimizer step, after the last micro-batch."""
+    def optimizer_step(self, compute_grad_norm: bool = True) -> StepResult:
+        """Clip, step, zero the gradients; called once per optimizer step, after the last micro-batch.
+
+        Without clipping the norm is an extra pass over every gradient, so the trainer asks for it only on
+        the steps it logs.
+        """
 
     def eval_forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.unwrapped_model(inputs)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 from typing import Any, ContextManager
 
@@ -48,12 +47,15 @@ class DDPStrategy(Strategy):
         loss = micro_batch_loss / self.arithmetic.grad_accum_steps
         self.scaler.scale(loss).backward()
 
-    def optimizer_step(self) -> StepResult:
-        self.scaler.unscale_(self.optimizer)
-        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip is not None else math.inf
+    def optimizer_step(self, compute_grad_norm: bool = True) -> StepResult:
         # After DDP's all-reduce every rank holds the same gradients, so every rank sees the same inf/nan
         # and the scaler skips the same steps everywhere.
-        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = None
+        if self.cfg.train.grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.train.grad_clip).detach()
+        elif compute_grad_norm:
+            grad_norm = total_grad_norm(self._params)
         skipped = False
         if self.scaler.is_enabled():
             scale_before = self.scaler.get_scale()
@@ -63,7 +65,7 @@ class DDPStrategy(Strategy):
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(grad_norm.detach(), skipped)
+        return StepResult(grad_norm, skipped)
 
     # ------------------------------------------------------------ checkpoints
 
@@ -79,3 +81,13 @@ class DDPStrategy(Strategy):
 
     def full_model_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", copy=True) for k, v in self._module.state_dict().items()}
+
+
+def total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm over all gradients, without clip_grad_norm_'s rescaling pass."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return torch.nn.utils.get_total_norm(grads).detach()
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads]))

@@ -227,8 +227,8 @@ class DeepSpeedStrategy(Strategy):
         if not is_last_micro_batch:
             self.engine.step()  # off the boundary this only advances DeepSpeed's micro-step counter
 
-    def optimizer_step(self) -> StepResult:
-        self.engine.step()
+    def optimizer_step(self, compute_grad_norm: bool = True) -> StepResult:
+        self.engine.step()  # DeepSpeed computes the norm on every boundary step anyway
         norm = self.engine.get_global_grad_norm()  # before clipping; None when nothing computed it (stage 0)
         grad_norm = torch.full((), float("nan")) if norm is None else torch.as_tensor(norm).detach()
         return StepResult(grad_norm, skipped=not self.engine.was_step_applied())
