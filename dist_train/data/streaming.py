@@ -300,10 +300,10 @@ class _WindowReader:
 class RankEpochStream(IterableDataset):
     """This rank's micro-batches of one epoch from `start_step`; DataLoader worker w makes those with index i % W == w."""
 
-    def __init__(self, source: ShardSource, order: StreamOrder, epoch: int, start_step: int, steps: int, arithmetic: BatchArithmetic, rank: int, input_shape: tuple[int, ...], skip_bad: bool) -> None:
+    def __init__(self, source: ShardSource, order: StreamOrder, epoch: int, start_step: int, steps: int, arithmetic: BatchArithmetic, rank: int, input_shape: tuple[int, ...], skip_bad: bool, with_keys: bool = True) -> None:
         self.source, self.order, self.epoch = source, order, epoch
         self.start_step, self.steps, self.arithmetic, self.rank = start_step, steps, arithmetic, rank
-        self.input_shape, self.skip_bad = input_shape, skip_bad
+        self.input_shape, self.skip_bad, self.with_keys = input_shape, skip_bad, with_keys
 
     def micro_batch_starts(self) -> list[int]:
         a = self.arithmetic
@@ -338,7 +338,8 @@ class RankEpochStream(IterableDataset):
                     raise DataError(f"every sample of a micro-batch failed to decode ({chunk.keys[0]}..{chunk.keys[-1]}); the shards need preparing again")
                 chunk = chunk.take(np.flatnonzero(~chunk.bad))
             inputs, targets = _to_tensors(chunk.inputs, chunk.targets, self.input_shape, images)
-            yield index, inputs, targets, chunk.keys, reports
+            # Sample keys cross the worker pipe pickled, string by string: only when someone asked for them.
+            yield index, inputs, targets, chunk.keys if self.with_keys else None, reports
 
 
 class StreamingTrainLoader(MapStyleTrainLoader):
@@ -351,13 +352,13 @@ class StreamingTrainLoader(MapStyleTrainLoader):
         self.skipped_samples = 0
 
     def __iter__(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-        for step in self.iter_steps():
+        for step in self.iter_steps(with_keys=False):
             yield [(inputs, targets) for inputs, targets, _ in step]
 
-    def iter_steps(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor, list[str]]]]:
-        """Per optimizer step, this rank's micro-batches with their sample keys."""
+    def iter_steps(self, with_keys: bool = True) -> Iterator[list[tuple[torch.Tensor, torch.Tensor, Optional[list[str]]]]]:
+        """Per optimizer step, this rank's micro-batches with their sample keys (None unless `with_keys`)."""
         start_step = self.samples_consumed // self.plan.global_batch_size
-        dataset = RankEpochStream(self.source, self.order, self.epoch, start_step, self.steps_per_epoch, self.arithmetic, self.dist_env.global_rank, self.input_shape, self.skip_bad)
+        dataset = RankEpochStream(self.source, self.order, self.epoch, start_step, self.steps_per_epoch, self.arithmetic, self.dist_env.global_rank, self.input_shape, self.skip_bad, with_keys)
         # batch_size=None: the dataset yields whole micro-batches, so nothing re-batches (or re-splits) them;
         # no collate either: default_convert would walk every sample key.
         loader = DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=self.num_workers, persistent_workers=False)
@@ -371,7 +372,7 @@ class StreamingTrainLoader(MapStyleTrainLoader):
             for report in reports:
                 log.warning("rank %d skipped bad sample %s", self.dist_env.global_rank, report)
             self.skipped_samples += len(reports)
-            step.append((inputs, targets, keys.tolist()))
+            step.append((inputs, targets, keys.tolist() if keys is not None else None))
             if len(step) == self.arithmetic.grad_accum_steps:
                 # Count the step before handing it out: a checkpoint taken after this step resumes after it.
                 self.samples_consumed += self.plan.global_batch_size
