@@ -154,9 +154,7 @@ class Config:
 
 def load_config(path: Optional[str | Path] = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Preset YAML (optional) + `a.b=value` overrides -> validated Config."""
-    cfg = _build(Config, raw_config(path, overrides), prefix="")
-    validate(cfg)
-    return cfg
+    return config_from_dict(raw_config(path, overrides))
 
 
 def raw_config(path: Optional[str | Path] = None, overrides: typing.Sequence[str] = ()) -> dict:

@@ -47,10 +47,8 @@ def _load(path: Path, meta: dict) -> tuple[dict, Optional[dict]]:
     if meta.get("strategy") == "deepspeed":
         from .strategies.deepspeed import consolidated_state_dict  # noqa: PLC0415 (optional backend)
 
-        state = consolidated_state_dict(path)
-        if isinstance(state.get("model"), dict):  # {"model": ..., "optimizer": ...}
-            return dict(state["model"]), state.get("optimizer")
-        return dict(state), None
+        # DeepSpeed's consolidation yields the fp32 weights only; its optimizer partitions stay behind.
+        return consolidated_state_dict(path), None
     state = load_dcp_full(path)
     if "model" not in state:
         raise CheckpointError(f"checkpoint {path} holds no model state (keys: {sorted(state)}); not a dist_train DCP checkpoint")

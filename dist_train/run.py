@@ -5,17 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .config import Config, explicit_keys, load_config, raw_config, validate
+from .config import Config, config_from_dict, explicit_keys, raw_config, validate
 from .env import backend_for, destroy_process_group, detect_environment, init_process_group, reconcile_launcher_settings
 from .signals import finish_interrupted, resolve_signal, stop_on_signals
 
 
 def _start(config_path: str, overrides: Sequence[str]) -> tuple[Config, object]:
-    cfg = load_config(config_path, overrides)
+    raw = raw_config(config_path, overrides)
+    cfg = config_from_dict(raw)
     resolve_signal(cfg.train.preemption_signal)
     dist_env = detect_environment()
     # accelerate launch exports its config's settings; explicit dist_train keys must agree with them.
-    for line in reconcile_launcher_settings(cfg, dist_env, explicit_keys(raw_config(config_path, overrides))):
+    for line in reconcile_launcher_settings(cfg, dist_env, explicit_keys(raw)):
         if dist_env.is_main:
             print(f"dist-train: {line}", flush=True)
     validate(cfg)
