@@ -399,6 +399,17 @@ def init_process_group(dist_env: DistEnv, backend: str, timeout_seconds: float) 
     )
 
 
+def broadcast_from_main(obj: object, dist_env: DistEnv) -> object:
+    """The main process's `obj` on every rank (a decision taken once, e.g. which checkpoint to load)."""
+    import torch.distributed as dist
+
+    if not dist_env.distributed or not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def destroy_process_group() -> None:
     import torch.distributed as dist
 
