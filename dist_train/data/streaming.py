@@ -33,7 +33,7 @@ from ..config import BatchArithmetic, Config, ConfigError, DataConfig
 from ..env import DistEnv
 from ..models import ModelSpec
 from . import DataBundle
-from .loader import GlobalBatchPlan, MapStyleTrainLoader, _identity
+from .loader import GlobalBatchPlan, MapStyleTrainLoader, _identity, worker_seed_generator
 from .shards import MANIFEST, RECORD_MEMBERS, DataError, Manifest, Record, decode_record, iter_shard, record_index
 from .sources import SourceData, Split, check_compatible
 from .transforms import adapt_images
@@ -361,7 +361,10 @@ class StreamingTrainLoader(MapStyleTrainLoader):
         dataset = RankEpochStream(self.source, self.order, self.epoch, start_step, self.steps_per_epoch, self.arithmetic, self.dist_env.global_rank, self.input_shape, self.skip_bad, with_keys)
         # batch_size=None: the dataset yields whole micro-batches, so nothing re-batches (or re-splits) them;
         # no collate either: default_convert would walk every sample key.
-        loader = DataLoader(dataset, batch_size=None, collate_fn=_identity, num_workers=self.num_workers, persistent_workers=False)
+        loader = DataLoader(
+            dataset, batch_size=None, collate_fn=_identity, num_workers=self.num_workers, persistent_workers=False,
+            generator=worker_seed_generator(self.order.seed, self.epoch, self.dist_env.global_rank),  # not the global RNG: see loader.py
+        )
         step: list = []
         for expected, item in enumerate(loader):
             if item[0] == "error":

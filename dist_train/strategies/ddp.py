@@ -10,13 +10,25 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..config import ConfigError
 from .base import StepResult, Strategy
 
 
 class DDPStrategy(Strategy):
     name = "ddp"
 
+    def __init__(self, cfg: Any, dist_env: Any, arithmetic: Any) -> None:
+        super().__init__(cfg, dist_env, arithmetic)
+        if cfg.strategy.sync_batchnorm and self.device.type != "cuda":
+            raise ConfigError(
+                "strategy.sync_batchnorm=true needs CUDA (torch's SyncBatchNorm has no CPU kernel); on CPU set it to false: "
+                "each rank then normalises its own micro-batch and rank 0's running statistics are the ones evaluated, saved and exported"
+            )
+
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        if self.cfg.strategy.sync_batchnorm and self.dist_env.distributed:
+            # Same parameters and buffers, so the optimizer built over the model's parameters still applies.
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(self.device)
         self._module = model
         if self.dist_env.distributed:

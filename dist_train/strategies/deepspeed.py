@@ -145,6 +145,8 @@ class DeepSpeedStrategy(Strategy):
                 "loss-scaling path; set train.precision=bf16 or fp32"
             )
         check_precision_supported(precision, self.device)
+        if cfg.strategy.sync_batchnorm:
+            raise ConfigError("strategy.sync_batchnorm=true is a DDP option; with strategy.name=deepspeed set it to false")
         path = cfg.strategy.deepspeed_config
         user = load_user_config(path) if path else None
         self.ds_config = build_deepspeed_config(cfg, arithmetic, user, source=path or "")
@@ -238,6 +240,11 @@ class DeepSpeedStrategy(Strategy):
 
     def train_mode(self, training: bool) -> None:
         self.engine.train(training)
+
+    def local_parameters(self) -> list[torch.Tensor]:
+        # Under ZeRO-3 a module parameter is an empty placeholder; this rank's partition is its ds_tensor.
+        params = list(self.engine.module.parameters())
+        return [getattr(p, "ds_tensor", p) for p in params]
 
     # ------------------------------------------------------------ checkpoints
 
