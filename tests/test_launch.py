@@ -146,7 +146,7 @@ def test_max_restarts_resumes_after_a_rank_is_killed(reference, tmp_path, start)
     workers["1"].kill()
     output = _wait(proc, log, timeout=300)
     assert proc.returncode == 0, output
-    assert "restart 1 of this job (torchrun): train.resume=auto" in output
+    assert "restart 1 of this job (torchrun): continuing from the newest checkpoint of its run" in output
     resumed = re.search(r"resumed from \S+step-(\d+) at optimizer step (\d+)", output)
     assert resumed and int(resumed.group(1)) >= 10 and int(resumed.group(1)) % 10 == 0, output
     assert f"done: {TOTAL_STEPS} optimizer steps" in output
