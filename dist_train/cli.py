@@ -84,6 +84,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         message = user_facing_message(e)
         if message is None:
             raise
+        from .env import LaunchError
+
+        if isinstance(e, LaunchError):  # like a config error, the launch command or its environment must change
+            print(f"dist-train: launch error: {message}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
         print(f"dist-train: error: {message}", file=sys.stderr)
         return 1
 
