@@ -10,6 +10,7 @@ import pytest
 from dist_train.config import ConfigError, explicit_keys, load_config, raw_config
 from dist_train.env import DistEnv, LaunchError, choose_device, detect_environment, reconcile_launcher_settings
 from dist_train.signals import requeue_slurm_job, resolve_signal, stop_on_signals
+from tests.engines import pytorchjob_pod, skypilot_node, trainjob_pod
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1", "MASTER_ADDR": "node1", "MASTER_PORT": "29400"}
 SRUN_TASK = {
@@ -109,26 +110,6 @@ OPEN_MPI = {
 }  # fmt: skip
 # MPICH / Intel MPI `mpiexec -n 4 -ppn 2` (Hydra), rank 3.
 HYDRA = {"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2", "PMI_FD": "5"}
-
-
-def pytorchjob_pod(index: int, pods: int = 2, nproc_per_node: str = "1") -> dict:
-    """What the training operator (v1) sets in pod `index` (0 = Master) of a PyTorchJob: pkg/controller.v1/pytorch/envvar.go."""
-    per_pod = int(nproc_per_node) if nproc_per_node.isdigit() else 1  # "auto" (the default) counts one
-    return {
-        "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "job-master-0", "MASTER_PORT": "23456", "PET_MASTER_ADDR": "job-master-0",
-        "PET_MASTER_PORT": "23456", "WORLD_SIZE": str(pods * per_pod), "RANK": str(index), "PET_NODE_RANK": str(index),
-        "PET_NPROC_PER_NODE": nproc_per_node, "PET_NNODES": str(pods),
-    }  # fmt: skip
-
-
-def trainjob_pod(index: int, nodes: int = 2, nproc_per_node: str = "1") -> dict:
-    """What Kubeflow Trainer v2's torch plugin sets in pod `index`: pkg/runtime/framework/plugins/torch/torch.go."""
-    return {"PET_NNODES": str(nodes), "PET_NPROC_PER_NODE": nproc_per_node, "PET_NODE_RANK": str(index), "PET_MASTER_ADDR": "job-node-0-0.job", "PET_MASTER_PORT": "29500"}
-
-
-def skypilot_node(rank: int, ips: tuple = ("10.0.0.1", "10.0.0.2"), task_id: str = "sky-2026-11-28-06-00-00-000000_mycluster_1") -> dict:
-    """SkyPilot's variables for `run` on node `rank` (docs: running-jobs/environment-variables)."""
-    return {"SKYPILOT_NODE_RANK": str(rank), "SKYPILOT_NODE_IPS": "\n".join(ips), "SKYPILOT_NUM_NODES": str(len(ips)), "SKYPILOT_NUM_GPUS_PER_NODE": "0", "SKYPILOT_TASK_ID": task_id}
 
 
 def facts(e) -> tuple:
