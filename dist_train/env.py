@@ -104,9 +104,12 @@ def _int_or_none(env: Mapping[str, str], key: str) -> Optional[int]:
         return None
 
 
-def _port_for_job(job_id: str) -> int:
-    """A port every process of one job derives alike from the job's id (ports are per machine; jobs share nodes)."""
-    return 20000 + zlib.crc32(job_id.encode()) % 20000
+def _job_port(env: Mapping[str, str], job_id: Optional[str]) -> int:
+    """MASTER_PORT, else a port every process of one job derives alike from the job's id (ports are per machine
+    and jobs share machines), else torch's default."""
+    if env.get("MASTER_PORT"):
+        return _int(env, "MASTER_PORT")
+    return 20000 + zlib.crc32(job_id.encode()) % 20000 if job_id else 29500
 
 
 def _local_address(env: Mapping[str, str], world_size: int, local_world_size: int, engine: str) -> str:
@@ -340,7 +343,6 @@ def _mpi_facts(env: Mapping[str, str], engine: str, rank: int, world_size: int, 
             f"{engine} runs {local_world_size} processes on this machine, which does not divide its {world_size} "
             "processes; start the same number on every machine (mpirun --map-by ppr:N:node or -npernode N)"
         )
-    port = env.get("MASTER_PORT")
     return dict(
         global_rank=rank,
         local_rank=local_rank,
@@ -350,7 +352,7 @@ def _mpi_facts(env: Mapping[str, str], engine: str, rank: int, world_size: int, 
         node_rank=rank // local_world_size,
         num_nodes=world_size // local_world_size,
         master_addr=_local_address(env, world_size, local_world_size, engine),
-        master_port=_int(env, "MASTER_PORT") if port else _port_for_job(job_id) if job_id else 29500,
+        master_port=_job_port(env, job_id),
     )
 
 
@@ -396,6 +398,11 @@ class SlurmEnvironment(_Detector):
         )
 
 
+def _node_per_process(rank: int, nodes: int, master_addr: str, master_port: int) -> dict:
+    """Facts under an engine that starts one command per pod or node, each one dist_train process."""
+    return dict(global_rank=rank, world_size=nodes, node_rank=rank, num_nodes=nodes, master_addr=master_addr, master_port=master_port)
+
+
 def _one_process_per_pod(processes_per_pod: str, engine: str) -> None:
     """A container that starts dist_train itself is one process: the job must count one per pod."""
     if processes_per_pod != "1":
@@ -435,15 +442,8 @@ class KubeflowPyTorchJobEnvironment(_Detector):
         world_size, pods = _int(env, "WORLD_SIZE"), _pods(env)
         per_pod = str(world_size // pods) if pods and world_size % pods == 0 else f"{world_size}/{pods}"
         _one_process_per_pod(per_pod, f"the PyTorchJob (WORLD_SIZE={world_size} processes on PET_NNODES={pods} pods)")
-        rank = _int(env, "RANK")
-        return dict(
-            global_rank=rank,
-            world_size=world_size,
-            node_rank=rank,
-            num_nodes=pods,
-            master_addr=_local_address(env, world_size, 1, "the PyTorchJob"),
-            master_port=_int(env, "MASTER_PORT", 23456),  # the operator's default container port
-        )
+        # 23456: the operator's default container port.
+        return _node_per_process(_int(env, "RANK"), pods, _local_address(env, world_size, 1, "the PyTorchJob"), _int(env, "MASTER_PORT", 23456))
 
 
 class KubeflowTrainJobEnvironment(_Detector):
@@ -463,17 +463,10 @@ class KubeflowTrainJobEnvironment(_Detector):
     def facts(env: Mapping[str, str]) -> dict:
         pods = _pods(env)
         _one_process_per_pod(env["PET_NPROC_PER_NODE"], "the TrainJob (PET_NPROC_PER_NODE)")
-        rank = _int(env, "PET_NODE_RANK")
         if pods > 1 and not env.get("PET_MASTER_ADDR"):
             raise LaunchError(f"the TrainJob runs {pods} pods but PET_MASTER_ADDR is not set; set it to the address of the pod with PET_NODE_RANK=0")
-        return dict(
-            global_rank=rank,
-            world_size=pods,
-            node_rank=rank,
-            num_nodes=pods,
-            master_addr=env.get("PET_MASTER_ADDR") or "127.0.0.1",
-            master_port=_int(env, "PET_MASTER_PORT", 29500),  # the Trainer's container port
-        )
+        # 29500: the Trainer's container port.
+        return _node_per_process(_int(env, "PET_NODE_RANK"), pods, env.get("PET_MASTER_ADDR") or "127.0.0.1", _int(env, "PET_MASTER_PORT", 29500))
 
 
 class SkyPilotEnvironment(_Detector):
@@ -492,20 +485,12 @@ class SkyPilotEnvironment(_Detector):
     def facts(env: Mapping[str, str]) -> dict:
         nodes, rank = _int(env, "SKYPILOT_NUM_NODES"), _int(env, "SKYPILOT_NODE_RANK")
         ips = env.get("SKYPILOT_NODE_IPS", "").split()
-        if nodes > 1 and len(ips) != nodes:
+        if nodes > 1 and len(ips) != nodes and not env.get("MASTER_ADDR"):
             raise LaunchError(
                 f"SKYPILOT_NUM_NODES={nodes} but SKYPILOT_NODE_IPS lists {len(ips)} addresses; run under `sky launch` "
                 "(which sets both) or export MASTER_ADDR=<node 0's address>"
             )
-        port, task = env.get("MASTER_PORT"), env.get("SKYPILOT_TASK_ID")
-        return dict(
-            global_rank=rank,
-            world_size=nodes,
-            node_rank=rank,
-            num_nodes=nodes,
-            master_addr=env.get("MASTER_ADDR") or (ips[0] if ips else "127.0.0.1"),
-            master_port=_int(env, "MASTER_PORT") if port else _port_for_job(task) if task else 29500,
-        )
+        return _node_per_process(rank, nodes, env.get("MASTER_ADDR") or (ips[0] if ips else "127.0.0.1"), _job_port(env, env.get("SKYPILOT_TASK_ID")))
 
 
 DETECTORS: tuple[type[_Detector], ...] = (

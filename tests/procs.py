@@ -105,3 +105,19 @@ def worker(script: str, args: Sequence[str] = (), nproc: int = 2, timeout: float
     if nproc == 1:
         return run([sys.executable, str(path), *args], timeout=timeout, env=env, check=check)
     return torchrun([str(path), *args], nproc=nproc, timeout=timeout, env=env, check=check)
+
+
+def final_model(out: Path) -> dict:
+    """The plain state_dict a finished run leaves in OUT/model.pt."""
+    import torch
+
+    return torch.load(out / "model.pt", weights_only=True)
+
+
+def assert_same_parameters(a: dict, b: dict) -> None:
+    """Bit for bit: the same keys and torch.equal tensors."""
+    import torch
+
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -18,27 +18,16 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from dist_train.env import detect_environment
 from tests.engines import pytorchjob_pod, skypilot_node, srun_task, trainjob_pod
-from tests.procs import REPO, Result, clean_env, free_port, kill_group, run
+from tests.procs import REPO, Result, assert_same_parameters, clean_env, final_model, free_port, kill_group, run
 
 pytestmark = pytest.mark.slow
 
 CNN_SHORT = ["configs/cnn_digits.yaml", "train.max_steps=4", "train.log_interval=2", "train.progress_bar=false"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-
-
-def _model(out: Path) -> dict:
-    return torch.load(out / "model.pt", weights_only=True)
-
-
-def _assert_same_parameters(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def _assert_one_group_of_two(output: str, launcher: str) -> None:
@@ -79,7 +68,7 @@ def reference(tmp_path_factory) -> dict:
     """The same short run of the main preset under torchrun, 2 processes."""
     out = tmp_path_factory.mktemp("torchrun_reference")
     run([*TORCHRUN, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "dist_train", "train", *CNN_SHORT, f"output_dir={out}"])
-    return _model(out)
+    return final_model(out)
 
 
 def _open_mpi_missing() -> str:
@@ -99,7 +88,7 @@ def test_mpirun_trains_the_main_preset_as_torchrun_does(reference, tmp_path):
     }  # fmt: skip
     result = run(["bash", "launch/mpirun.sh", "2", *CNN_SHORT, f"output_dir={tmp_path}"], env=env, timeout=300)
     _assert_one_group_of_two(result.output, "mpi")
-    _assert_same_parameters(reference, _model(tmp_path))
+    assert_same_parameters(reference, final_model(tmp_path))
 
 
 def _container_command(container: dict, out: Path) -> list:
@@ -119,7 +108,7 @@ def test_kubeflow_pytorchjob_two_pods_of_one_process(reference, tmp_path):
     pod_envs = [pytorchjob_pod(i, pods, job["nprocPerNode"], "127.0.0.1", port) for i in range(pods)]
     output = _succeeded(_run_together([(_container_command(container, tmp_path), env) for env in pod_envs]))
     _assert_one_group_of_two(output, "kubeflow-pytorchjob")
-    _assert_same_parameters(reference, _model(tmp_path))
+    assert_same_parameters(reference, final_model(tmp_path))
 
 
 def test_kubeflow_pytorchjob_one_pod_of_two_processes_under_torchrun(reference, tmp_path):
@@ -127,7 +116,7 @@ def test_kubeflow_pytorchjob_one_pod_of_two_processes_under_torchrun(reference, 
     pod = pytorchjob_pod(0, pods=1, nproc_per_node="2", master_addr="127.0.0.1", master_port=free_port())
     output = run([*TORCHRUN, "-m", "dist_train", "train", *CNN_SHORT, f"output_dir={tmp_path}"], env=pod).output
     _assert_one_group_of_two(output, "torchrun")
-    _assert_same_parameters(reference, _model(tmp_path))
+    assert_same_parameters(reference, final_model(tmp_path))
 
 
 def test_kubeflow_trainjob_two_pods_of_one_process(reference, tmp_path):
@@ -137,7 +126,7 @@ def test_kubeflow_trainjob_two_pods_of_one_process(reference, tmp_path):
     pod_envs = [trainjob_pod(i, trainer["numNodes"], str(trainer["numProcPerNode"]), "127.0.0.1", port) for i in range(trainer["numNodes"])]
     output = _succeeded(_run_together([(_container_command(trainer, tmp_path), env) for env in pod_envs]))
     _assert_one_group_of_two(output, "kubeflow-trainjob")
-    _assert_same_parameters(reference, _model(tmp_path))
+    assert_same_parameters(reference, final_model(tmp_path))
 
 
 def test_skypilot_task_on_two_nodes(reference, tmp_path):
@@ -150,7 +139,7 @@ def test_skypilot_task_on_two_nodes(reference, tmp_path):
     nodes = [skypilot_node(rank, ("127.0.0.1", "127.0.0.1"), task_id) for rank in range(task["num_nodes"])]
     output = _succeeded(_run_together([(["bash", "-c", task["run"]], {**task["envs"], **overrides, **python_on_path, **node}) for node in nodes]))
     _assert_one_group_of_two(output, "skypilot")
-    _assert_same_parameters(reference, _model(tmp_path))
+    assert_same_parameters(reference, final_model(tmp_path))
 
 
 def _port_is_free(port: int) -> bool:
