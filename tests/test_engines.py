@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from dist_train.env import detect_environment
@@ -140,6 +141,21 @@ def test_skypilot_task_on_two_nodes(reference, tmp_path):
     output = _succeeded(_run_together([(["bash", "-c", task["run"]], {**task["envs"], **overrides, **python_on_path, **node}) for node in nodes]))
     _assert_one_group_of_two(output, "skypilot")
     assert_same_parameters(reference, final_model(tmp_path))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_one_gpu_per_pod_trains_on_cuda0_like_torchrun_on_all_gpus(tmp_path):
+    # Kubernetes gives each pod its own GPU (it sees one device); torchrun's workers see all and take cuda:LOCAL_RANK.
+    mlp = ["configs/mlp_digits.yaml", "train.max_steps=4", "train.progress_bar=false"]
+    run([*TORCHRUN, "--nproc_per_node", "2", "--standalone", "-m", "dist_train", "train", *mlp, f"output_dir={tmp_path / 'torchrun'}"])
+    port, cmd = free_port(), [sys.executable, "-m", "dist_train", "train", *mlp, f"output_dir={tmp_path / 'pods'}"]
+    pods = [(cmd, {**trainjob_pod(i, 2, "1", "127.0.0.1", port), "CUDA_VISIBLE_DEVICES": str(i)}) for i in range(2)]
+    output = _succeeded(_run_together(pods))
+    assert "launcher=kubeflow-trainjob rank=1/2 local_rank=0 node=1/2 device=cuda:0" in output, output[-4000:]
+    gpu_per_pod, all_gpus = final_model(tmp_path / "pods"), final_model(tmp_path / "torchrun")
+    for key in all_gpus:
+        torch.testing.assert_close(gpu_per_pod[key], all_gpus[key])
 
 
 def _port_is_free(port: int) -> bool:
