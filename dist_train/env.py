@@ -366,7 +366,7 @@ class SlurmEnvironment(_Detector):
     name = "slurm"
     title = "srun (Slurm)"
     needs = ("SLURM_STEP_ID", "SLURM_PROCID", "SLURM_NTASKS")
-    sizes = ("SLURM_NTASKS", "SLURM_STEP_NUM_TASKS")
+    sizes = ("SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
     remedy = "a batch script is one process, so start training with `srun python -m dist_train train CONFIG` (as slurm/*.sbatch do)"
 
     @staticmethod
@@ -525,6 +525,8 @@ def _several_processes_shown(env: Mapping[str, str]) -> list[str]:
                 shown.append(f"{key}={env[key]}")
     if "PMIX_RANK" in env and _int_or_none(env, "PMIX_RANK") != 0:  # PMIx puts the rank, not the size, in the environment
         shown.append(f"PMIX_RANK={env['PMIX_RANK']}")
+    if "SLURM_JOB_ID" in env and not shown and sum(_slurm_tasks_on_nodes(env) or [1]) > 1:  # one task on each of several nodes
+        shown.append(f"SLURM_TASKS_PER_NODE={env.get('SLURM_TASKS_PER_NODE')}")
     if not env.get("PET_NNODES", "1").isdigit():  # an elastic range "1:4"
         shown.append(f"PET_NNODES={env['PET_NNODES']}")
     return shown

@@ -65,7 +65,7 @@ def test_slurm_batch_script_without_srun_is_a_plain_process_only_with_one_task()
     e = detect({**batch_script, "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_TASKS_PER_NODE": "1"})
     assert (e.launcher, e.world_size, e.slurm_job_id) == ("plain", 1, "4242")
     # Four tasks asked for, but the batch script runs training itself: four "rank 0" runs were the old answer.
-    with pytest.raises(LaunchError, match=r"^SLURM_NTASKS=4 says several processes were started.*SLURM_STEP_ID is missing.*start training with `srun"):
+    with pytest.raises(LaunchError, match=r"^SLURM_NTASKS=4, .* say several processes were started.*SLURM_STEP_ID is missing.*start training with `srun"):
         detect({**batch_script, "SLURM_PROCID": "0"})
 
 
@@ -186,6 +186,7 @@ def test_skypilot_facts():
         ({"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1"}, "PET_NODE_RANK is missing"),
         ({"SKYPILOT_NUM_NODES": "2"}, "SKYPILOT_NODE_RANK is missing"),
         ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_PROCID": "0"}, "SLURM_STEP_ID is missing"),
+        ({"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_TASKS_PER_NODE": "1(x2)"}, "SLURM_STEP_ID is missing"),
     ],
 )
 def test_a_multi_process_launch_no_detector_resolves_is_refused(env, missing):
