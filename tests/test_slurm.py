@@ -120,7 +120,8 @@ def test_batch_script_training_is_refused_and_an_srun_step_uses_its_own_counts(c
     """A 2-task allocation. Training started by the batch script itself would be one process of a job that asked
     for two: refused in one line, nothing written. `srun --ntasks 1` inside it is a 1-process step although the
     job's SLURM_NTASKS_PER_NODE still says 2 (the step's SLURM_STEP_* counts decide)."""
-    short = ["configs/linear_regression.yaml", "train.max_steps=2", "train.progress_bar=false"]
+    # A short collective timeout: a batch script wrongly taken for rank 0 of 2 would wait for a rank 1 that never comes.
+    short = ["configs/linear_regression.yaml", "train.max_steps=2", "train.progress_bar=false", "strategy.timeout_seconds=30"]
     script, log = tmp_path / "job.sh", tmp_path / "job.log"
     script.write_text(
         "#!/bin/bash\n"
