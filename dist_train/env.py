@@ -472,7 +472,8 @@ class KubeflowTrainJobEnvironment(_Detector):
 class SkyPilotEnvironment(_Detector):
     """SkyPilot's `run` section, one `python -m dist_train ...` per node: SKYPILOT_NODE_RANK, SKYPILOT_NUM_NODES
     and SKYPILOT_NODE_IPS (one IP per line, in node-rank order: the first is rank 0's). SkyPilot gives no port:
-    MASTER_PORT, else one derived from SKYPILOT_TASK_ID (the same on every node of a task).
+    MASTER_PORT, else one derived from SKYPILOT_TASK_ID (the same on every node of a task). Nodes with several
+    GPUs need torchrun inside `run`, one process per GPU.
     """
 
     name = "skypilot"
@@ -484,6 +485,13 @@ class SkyPilotEnvironment(_Detector):
     @staticmethod
     def facts(env: Mapping[str, str]) -> dict:
         nodes, rank = _int(env, "SKYPILOT_NUM_NODES"), _int(env, "SKYPILOT_NODE_RANK")
+        gpus = _int(env, "SKYPILOT_NUM_GPUS_PER_NODE", 0)
+        if gpus > 1:  # one process per node would leave all but one GPU idle, silently
+            raise LaunchError(
+                f"SKYPILOT_NUM_GPUS_PER_NODE={gpus} but dist_train was started once per node; run `torchrun --nnodes "
+                "$SKYPILOT_NUM_NODES --node-rank $SKYPILOT_NODE_RANK --nproc-per-node $SKYPILOT_NUM_GPUS_PER_NODE --master-addr "
+                "<first of SKYPILOT_NODE_IPS> -m dist_train train CONFIG` instead (see launch/skypilot.yaml)"
+            )
         ips = env.get("SKYPILOT_NODE_IPS", "").split()
         if nodes > 1 and len(ips) != nodes and not env.get("MASTER_ADDR"):
             raise LaunchError(

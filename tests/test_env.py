@@ -173,6 +173,10 @@ def test_skypilot_facts():
     assert detect(skypilot_node(1, task_id="sky-other_mycluster_2")).master_port != e.master_port
     with pytest.raises(LaunchError, match="SKYPILOT_NODE_IPS lists 1 addresses"):
         detect({**skypilot_node(1), "SKYPILOT_NODE_IPS": "10.0.0.1"})
+    # accelerators: A100:8 with one dist_train per node would train on one GPU of eight.
+    with pytest.raises(LaunchError, match=r"SKYPILOT_NUM_GPUS_PER_NODE=8 .*--nproc-per-node \$SKYPILOT_NUM_GPUS_PER_NODE"):
+        detect({**skypilot_node(1), "SKYPILOT_NUM_GPUS_PER_NODE": "8"})
+    assert detect({**skypilot_node(1), "SKYPILOT_NUM_GPUS_PER_NODE": "1"}).world_size == 2
 
 
 @pytest.mark.parametrize(
