@@ -26,6 +26,8 @@ def _start(config_path: str, overrides: Sequence[str]) -> tuple[Config, object]:
         print(f"dist-train: restart {dist_env.restart_count} of this job ({dist_env.launcher}): continuing from the newest checkpoint of its run", flush=True)
     backend = backend_for(dist_env, cfg.strategy.backend)
     init_process_group(dist_env, backend, cfg.strategy.timeout_seconds)
+    if not dist_env.is_main:  # rank 0's line comes from the trainer; one per other rank shows the group as launched
+        print(f"dist_train: {dist_env.describe()}", flush=True)
     return cfg, dist_env
 
 

@@ -9,8 +9,10 @@ import pytest
 
 @pytest.fixture(autouse=True)
 def _restore_environment(monkeypatch):
+    from .procs import LAUNCHER_PREFIXES
+
     for key in list(os.environ):
-        if key.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_", "TORCHELASTIC", "ACCELERATE_", "GROUP_RANK", "LOCAL_WORLD_SIZE")):
+        if key.startswith(LAUNCHER_PREFIXES):
             monkeypatch.delenv(key, raising=False)
     yield
     import torch.distributed as dist
