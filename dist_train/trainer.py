@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ from torch.nn import functional as F
 from .checkpoint import Checkpointer
 from .config import BatchArithmetic, Config, batch_arithmetic
 from .data import DataBundle, build_data
+from .determinism import use_deterministic_algorithms
 from .env import DistEnv
 from .models import ModelSpec, build_model, model_spec
 from .optim import build_optimizer, build_scheduler
@@ -46,7 +46,9 @@ class TrainProgress:
     skipped_steps: int = 0
 
     def state_dict(self) -> dict:
-        return asdict(self)
+        # skipped_steps is a 0-dim device tensor between log steps (fp16 adds its found-inf flag without a
+        # host sync); a checkpoint reads it here, where the save synchronises anyway.
+        return {key: int(value) for key, value in asdict(self).items()}
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
@@ -122,13 +124,13 @@ class Trainer:
         strategy = build_strategy(cfg, dist_env, arithmetic)
         data = build_data(cfg, spec, arithmetic, dist_env)
         if cfg.train.deterministic:
-            # Bitwise-repeatable kernels (slower); CUDA also needs a fixed cuBLAS workspace.
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
+            note = use_deterministic_algorithms(dist_env.torch_device)
+            if note:
+                console.print(note)
         # Same seed on every rank: identical initial replicas (DDP would broadcast anyway; ZeRO does not).
         seed_everything(cfg.train.seed)
         model = build_model(cfg.model)
-        optimizer = build_optimizer(cfg.optim, model)
+        optimizer = build_optimizer(cfg.optim, model, fused=strategy.wants_fused_optimizer)
         total_steps = planned_total_steps(cfg, data.train.steps_per_epoch)
         scheduler = build_scheduler(cfg.optim, optimizer, total_steps)
         strategy.setup(model, optimizer, scheduler)
@@ -221,7 +223,7 @@ class Trainer:
             "optimizer_steps": self.progress.optimizer_step,
             "epochs_completed": self.progress.epoch,
             "samples_seen": self.progress.samples_seen,
-            "skipped_steps": self.progress.skipped_steps,
+            "skipped_steps": int(self.progress.skipped_steps),
             "train_seconds": elapsed,
             "samples_per_second": (self.progress.samples_seen - start_samples) / max(elapsed, 1e-9),
             "world_size": self.dist_env.world_size,
@@ -251,7 +253,7 @@ class Trainer:
             strategy.scheduler.step()
         self.progress.optimizer_step += 1
         self.progress.samples_seen += self.arithmetic.global_batch_size
-        self.progress.skipped_steps += int(result.skipped)
+        self.progress.skipped_steps = self.progress.skipped_steps + result.skipped  # stays on the device
         window.grad_norm = result.grad_norm
         window.steps += 1
         window.compute += time.perf_counter() - compute_start
@@ -293,6 +295,7 @@ class Trainer:
         }
         if torch.cuda.is_available() and self.strategy.device.type == "cuda":
             metrics["train/cuda_max_memory_mb"] = torch.cuda.max_memory_allocated(self.strategy.device) / 2**20
+            torch.cuda.reset_peak_memory_stats(self.strategy.device)  # each log line reports its own window's peak
         # The epoch this step belonged to (progress.epoch has already moved on after an epoch's last step).
         step_epoch = (self.progress.optimizer_step - 1) // self.data.train.steps_per_epoch
         self.console.log_line(self.progress.optimizer_step, step_epoch, metrics, bar)
@@ -335,7 +338,7 @@ class Trainer:
     # ------------------------------------------------------------ outputs
 
     def _write_outputs(self, summary: dict) -> None:
-        state = self.strategy.full_model_state_dict()  # collective: every rank takes part
+        state = self.strategy.full_model_state_dict()  # collective: every rank takes part; complete on the main process
         if self.dist_env.is_main:
             out = Path(self.cfg.output_dir)
             out.mkdir(parents=True, exist_ok=True)
