@@ -27,3 +27,15 @@ def _digits_shards():
     from .procs import REPO
 
     assert main(["data", "prepare", "--source", "digits", "--out", str(REPO / "data" / "digits")]) == 0
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA: skipped here on CPU-only machines, run by `make gpu-check` on a GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (make gpu-check runs it on a GPU)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
