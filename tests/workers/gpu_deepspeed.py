@@ -3,20 +3,23 @@ ZeRO-2 bf16, each a fresh Trainer in this process (DeepSpeed's import costs ~20 
 
 usage: gpu_deepspeed.py OUT_DIR [overrides...]  -> OUT_DIR/results.json {scenario: {initial_eval, summary, losses} | {error}}
 
-A scenario that raises is recorded as its error and the next one still runs.
+The process joins one world-size-1 group (NCCL on the GPU) that every engine then shares: DeepSpeed caches
+its groups, so an engine that started and destroyed its own would leave the next one a dead group. A
+scenario that raises is recorded as its error and the next one still runs.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import socket
 import sys
 import traceback
 from pathlib import Path
 
+import torch.distributed as dist
+
 from dist_train.config import load_config
-from dist_train.env import detect_environment
+from dist_train.env import backend_for, detect_environment
 from dist_train.tracking import Tracker
 from dist_train.trainer import Trainer
 
@@ -52,8 +55,7 @@ def free_port() -> int:
 
 def run(out: Path, name: str, preset: str, overrides: list[str], dist_env) -> dict:
     cfg = load_config(REPO / "configs" / preset, [*COMMON, f"output_dir={out / name}", *overrides])
-    # Each engine starts (and tears down) its own one-process group: a fresh port each time.
-    trainer = Trainer.build(cfg, dataclasses.replace(dist_env, master_port=free_port()))
+    trainer = Trainer.build(cfg, dist_env)
     trainer.tracker = recorder = LossRecorder()
     try:
         initial = trainer.evaluate()
@@ -66,6 +68,7 @@ def run(out: Path, name: str, preset: str, overrides: list[str], dist_env) -> di
 def main() -> None:
     out = Path(sys.argv[1])
     dist_env = detect_environment()
+    dist.init_process_group(backend_for(dist_env), init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     results: dict = {}
     for name, (preset, overrides) in SCENARIOS.items():
         try:
@@ -73,6 +76,7 @@ def main() -> None:
         except Exception as e:  # recorded; the test names the scenario and shows this
             results[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
         print(f"{name}: {'error' if 'error' in results[name] else 'done'}", flush=True)
+    dist.destroy_process_group()
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
 
