@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -425,18 +426,35 @@ def _child_env(device: str) -> dict:
     return env
 
 
+def _run_bounded(cmd: list[str], limit: float, device: str) -> tuple[Optional[int], str, str]:
+    """(exit status or None on timeout, stdout, stderr). The command runs in its own session and the whole
+    session is killed at the limit, so no worker it started (torchrun ranks) keeps holding the GPU."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(device), cwd=str(REPO), start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=limit)
+        return proc.returncode, stdout, stderr
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        return None, stdout, stderr
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # anything the command left behind
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def run_section(name: str, args: argparse.Namespace, limit: float, extra: list[str] = ()) -> dict:
     with tempfile.TemporaryDirectory(prefix="gpu_check_section_") as tmp:
         out = Path(tmp) / "section.json"
         cmd = [sys.executable, __file__, "--section", name, "--section-out", str(out), "--device", args.device, *extra]
         started = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, env=_child_env(args.device), cwd=str(REPO), start_new_session=True)
-        except subprocess.TimeoutExpired:
+        returncode, stdout, stderr = _run_bounded(cmd, limit, args.device)
+        if returncode is None:
             return {"rows": [row(name.split("_")[0], name, "timeout", f"no result within {limit:.0f} s")]}
-        if proc.returncode != 0 or not out.is_file():
-            last = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()][-1:] or ["no output"]
-            return {"rows": [row(name.split("_")[0], name, "FAIL", f"exit {proc.returncode}: {last[0][:200]}", seconds=time.perf_counter() - started)]}
+        if returncode != 0 or not out.is_file():
+            last = [line for line in (stderr or stdout).strip().splitlines() if line.strip()][-1:] or ["no output"]
+            return {"rows": [row(name.split("_")[0], name, "FAIL", f"exit {returncode}: {last[0][:200]}", seconds=time.perf_counter() - started)]}
         return json.loads(out.read_text())
 
 
@@ -446,11 +464,8 @@ def run_tests(args: argparse.Namespace, limit: float, on_cuda: bool) -> list[dic
         junit = Path(tmp) / "junit.xml"
         cmd = [sys.executable, "-m", "pytest", "-m", "gpu", *files, "-v", "-p", "no:cacheprovider", "-o", "addopts=",
                f"--timeout={args.test_timeout_s}", f"--junitxml={junit}", f"--basetemp={Path(tmp) / 'pytest'}"]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(limit, 30), env=_child_env(args.device), cwd=str(REPO), start_new_session=True)
-            stdout, timed_out = proc.stdout, False
-        except subprocess.TimeoutExpired as e:
-            stdout, timed_out = (e.stdout.decode() if isinstance(e.stdout, bytes) else e.stdout or ""), True
+        returncode, stdout, _ = _run_bounded(cmd, max(limit, 30), args.device)
+        timed_out = returncode is None
         rows = _junit_rows(junit) if junit.is_file() and not timed_out else _verbose_rows(stdout)
         if timed_out:
             rows.append(row("test", "remaining gpu tests", "not run", f"the tests' share of --budget-s ({limit:.0f} s) ran out"))
