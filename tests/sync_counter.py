@@ -11,7 +11,7 @@ fused or capturable).
 from __future__ import annotations
 
 import contextlib
-import traceback
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator
@@ -58,12 +58,17 @@ class SyncCounter:
     def _record(self, what: str) -> None:
         if self.in_loader or self._busy:
             return
-        self._busy = True  # traceback formatting itself reads no tensors, but be safe against recursion
+        self._busy = True  # nothing below reads a tensor, but never count our own calls
         try:
-            frames = traceback.extract_stack()[:-2]
-            if any(f.filename.startswith(OPTIMIZER_DIR) for f in frames):
-                return
-            where = next((f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames) if "dist_train" in f.filename), "?")
+            where = "?"
+            frame = sys._getframe(2)  # the caller of the patched method
+            while frame is not None:
+                filename = frame.f_code.co_filename
+                if filename.startswith(OPTIMIZER_DIR):
+                    return
+                if where == "?" and "dist_train" in filename:
+                    where = f"{Path(filename).name}:{frame.f_lineno}"
+                frame = frame.f_back
             self.per_step[self.current_step].append(f"{what} at {where}")
         finally:
             self._busy = False
