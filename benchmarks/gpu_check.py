@@ -445,16 +445,17 @@ def _run_bounded(cmd: list[str], limit: float, device: str) -> tuple[Optional[in
 
 
 def run_section(name: str, args: argparse.Namespace, limit: float, extra: list[str] = ()) -> dict:
+    kind = {"data_wait": "data wait"}.get(name, name.split("_")[0])  # the kind its rows would have had
     with tempfile.TemporaryDirectory(prefix="gpu_check_section_") as tmp:
         out = Path(tmp) / "section.json"
         cmd = [sys.executable, __file__, "--section", name, "--section-out", str(out), "--device", args.device, *extra]
         started = time.perf_counter()
         returncode, stdout, stderr = _run_bounded(cmd, limit, args.device)
         if returncode is None:
-            return {"rows": [row(name.split("_")[0], name, "timeout", f"no result within {limit:.0f} s")]}
+            return {"rows": [row(kind, name, "timeout", f"no result within {limit:.0f} s")]}
         if returncode != 0 or not out.is_file():
             last = [line for line in (stderr or stdout).strip().splitlines() if line.strip()][-1:] or ["no output"]
-            return {"rows": [row(name.split("_")[0], name, "FAIL", f"exit {returncode}: {last[0][:200]}", seconds=time.perf_counter() - started)]}
+            return {"rows": [row(kind, name, "FAIL", f"exit {returncode}: {last[0][:200]}", seconds=time.perf_counter() - started)]}
         return json.loads(out.read_text())
 
 
@@ -545,7 +546,7 @@ def main() -> int:
     started = time.perf_counter()
     header = run_section("header", args, PLANS["cuda"]["limits"]["header"])
     info = header.get("header", {})
-    kind = info.get("device_type", "cpu")
+    kind = info.get("device_type") or ("cuda" if args.device == "cuda" else "cpu")
     if args.device == "cuda" and kind != "cuda":
         print("gpu_check: --device cuda but torch sees no GPU", file=sys.stderr)
     plan = PLANS[kind]
