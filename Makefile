@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test system-deps bench
+.PHONY: install demo test system-deps bench gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,3 +28,7 @@ test: install system-deps
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+# The CUDA path proven on one GPU in one go (< 8 min): gpu-marked tests + throughput/MFU/checkpoint/data-wait table.
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

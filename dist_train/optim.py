@@ -10,13 +10,25 @@ from torch import nn
 from .config import OptimConfig
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, model: nn.Module, fused: bool = False) -> torch.optim.Optimizer:
+    """`fused=True` asks for torch's fused kernels, which take GradScaler's found-inf flag on the device and
+    skip an overflowing step there; the unfused ones make GradScaler.step read the flag on the host (a sync
+    every step). Falls back to the unfused optimizer where this torch has no fused kernel for the params."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if fused:
+        try:
+            return _optimizer(cfg, params, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return _optimizer(cfg, params)
+
+
+def _optimizer(cfg: OptimConfig, params: list, **kwargs: bool) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **kwargs)
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kwargs)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kwargs)
 
 
 def lr_factor(cfg: OptimConfig, step: int, total_steps: int) -> float:

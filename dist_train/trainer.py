@@ -8,7 +8,6 @@ for every strategy.
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ from torch.nn import functional as F
 from .checkpoint import Checkpointer
 from .config import BatchArithmetic, Config, batch_arithmetic
 from .data import DataBundle, build_data
+from .determinism import use_deterministic_algorithms
 from .env import DistEnv
 from .files import atomic_write
 from .guard import SkipCounter, StepWindow, TrainingDiverged, divergence_message, parameters_finite
@@ -138,13 +138,13 @@ class Trainer:
         strategy = build_strategy(cfg, dist_env, arithmetic)
         data = build_data(cfg, spec, arithmetic, dist_env)
         if cfg.train.deterministic:
-            # Bitwise-repeatable kernels (slower); CUDA also needs a fixed cuBLAS workspace.
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
+            note = use_deterministic_algorithms(dist_env.torch_device)
+            if note:
+                console.print(note)
         # Same seed on every rank: identical initial replicas (DDP would broadcast anyway; ZeRO does not).
         seed_everything(cfg.train.seed)
         model = build_model(cfg.model)
-        optimizer = build_optimizer(cfg.optim, model)
+        optimizer = build_optimizer(cfg.optim, model, fused=strategy.wants_fused_optimizer)
         total_steps = planned_total_steps(cfg, data.train.steps_per_epoch)
         scheduler = build_scheduler(cfg.optim, optimizer, total_steps)
         strategy.setup(model, optimizer, scheduler)
@@ -395,6 +395,7 @@ class Trainer:
             metrics["train/skipped_steps"] = float(self.progress.skipped_steps)
         if torch.cuda.is_available() and self.strategy.device.type == "cuda":
             metrics["train/cuda_max_memory_mb"] = torch.cuda.max_memory_allocated(self.strategy.device) / 2**20
+            torch.cuda.reset_peak_memory_stats(self.strategy.device)  # each log line reports its own window's peak
         # The epoch this step belonged to (progress.epoch has already moved on after an epoch's last step).
         step_epoch = (self.progress.optimizer_step - 1) // self.data.train.steps_per_epoch
         self.console.log_line(self.progress.optimizer_step, step_epoch, metrics, bar)
@@ -440,7 +441,7 @@ class Trainer:
 
     def _write_outputs(self, summary: dict) -> None:
         self.strategy.sync_buffers()
-        state = self.strategy.full_model_state_dict()  # collective: every rank takes part
+        state = self.strategy.full_model_state_dict()  # collective: every rank takes part; complete on the main process
         if self.dist_env.is_main:
             out = Path(self.cfg.output_dir)
             # The tutorial's own format: model.load_state_dict(torch.load("model.pt")). Atomic: a full disk

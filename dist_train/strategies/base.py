@@ -25,7 +25,9 @@ from ..env import DistEnv, broadcast_from_main
 @dataclass
 class StepResult:
     grad_norm: Optional[torch.Tensor]  # global norm before clipping (0-dim tensor, no host sync); None if not asked for
-    skipped: bool  # fp16 overflow: the optimizer did not step (same answer on every rank)
+    # fp16 overflow: the optimizer did not step (same answer on every rank). A bool, or a 0-dim bool tensor
+    # on the device where reading it would cost a host sync every step (DDP's GradScaler).
+    skipped: Any
 
 
 def autocast_dtype(precision: str) -> Optional[torch.dtype]:
@@ -72,6 +74,11 @@ class Strategy(ABC):
     @abstractmethod
     def unwrapped_model(self) -> nn.Module:
         """The user's nn.Module (its state_dict keys are the tutorial's)."""
+
+    @property
+    def wants_fused_optimizer(self) -> bool:
+        """True when the optimizer should be built with fused kernels (see optim.build_optimizer)."""
+        return False
 
     @property
     def steps_scheduler(self) -> bool:
@@ -167,7 +174,8 @@ class Strategy(ABC):
 
     @abstractmethod
     def full_model_state_dict(self) -> dict[str, torch.Tensor]:
-        """Collective: the complete model state_dict on CPU (tutorial keys), valid on the main process."""
+        """Collective: the complete model state_dict on CPU (tutorial keys) on the main process; other ranks
+        may get an empty dict (only the main process writes model.pt, so only it copies the model)."""
 
     def teardown(self) -> None:
         """Release backend resources (the process group is destroyed by the caller)."""
