@@ -16,8 +16,7 @@ from typing import Optional, Sequence
 
 from .config import ConfigError, describe_keys
 
-EXIT_CONFIG_ERROR = 2
-EXIT_INTERRUPTED = 130
+from .errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, classify  # noqa: F401 (the codes' one home is errors.py)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -79,18 +78,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"dist-train: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except Exception as e:  # user-facing errors from other modules carry their own clear message
-        from .errors import user_facing_message
-
-        message = user_facing_message(e)
-        if message is None:
+        classified = classify(e)
+        if classified is None:
             raise
-        from .env import LaunchError
-
-        if isinstance(e, LaunchError):  # like a config error, the launch command or its environment must change
-            print(f"dist-train: launch error: {message}", file=sys.stderr)
-            return EXIT_CONFIG_ERROR
-        print(f"dist-train: error: {message}", file=sys.stderr)
-        return 1
+        kind, message, code = classified
+        print(f"dist-train: {kind}: {message}", file=sys.stderr)
+        return code
 
 
 def _dispatch(args: argparse.Namespace) -> int:

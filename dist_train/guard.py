@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-EXIT_DIVERGED = 3
+from .errors import EXIT_DIVERGED  # noqa: F401 (defined with the other exit codes)
 
 
 class TrainingDiverged(RuntimeError):
@@ -46,6 +46,7 @@ class StepWindow:
         self.steps = 0
         self.grad_norm: Any = None
         self.data_wait = 0.0
+        self.forward = 0.0  # forward + loss, before the step's first collective
         self.compute = 0.0
         self.start_time = time.perf_counter()
 

@@ -53,9 +53,12 @@ def torchrun_command(args: argparse.Namespace) -> list[str]:
     return cmd + ["-m", "dist_train", "train", args.config, *args.overrides]
 
 
-def _describe(args: argparse.Namespace) -> list[str]:
-    """Checks the config before any process starts and returns the lines worth printing."""
+def _describe(args: argparse.Namespace) -> tuple[list[str], str]:
+    """Checks the config before any process starts; (the lines worth printing, the preemption signal's name)."""
+    from .signals import resolve_signal
+
     cfg = load_config(args.config, args.overrides)
+    preemption_signal = resolve_signal(cfg.train.preemption_signal).name
     lines = []
     if str(args.nnodes).isdigit():
         world_size = int(args.nnodes) * args.nproc_per_node
@@ -65,18 +68,22 @@ def _describe(args: argparse.Namespace) -> list[str]:
             f"warning: --max-restarts {args.max_restarts} without periodic checkpoints restarts from step 0; "
             "set checkpoint.interval_steps (or checkpoint.interval_seconds)"
         )
-    return lines
+    return lines, preemption_signal
 
 
 def launch_command(args: argparse.Namespace) -> int:
     cmd = torchrun_command(args)
-    lines = _describe(args)
+    lines, preemption_signal = _describe(args)
     if args.dry_run:
         print("\n".join([*lines, shlex.join(cmd)]), flush=True)
         return 0
     print("\n".join([*lines, f"dist-train launch: {shlex.join(cmd)}"]), flush=True)
     env = dict(os.environ)
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # torchrun forwards only SIGTERM, SIGINT, SIGHUP and SIGQUIT to its workers; any other signal (Slurm's
+    # --signal=USR2@120 reaches the agent too) kills the agent and leaves the workers training unsupervised.
+    # Handled, the agent sends it on to the workers, which save, stop, and exit before the agent does.
+    env.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", f"SIGTERM,SIGINT,SIGHUP,SIGQUIT,{preemption_signal}")
     # exec, not a child: Ctrl-C and the scheduler's signals reach torchrun directly, and its exit status is ours.
     os.execve(cmd[0], cmd, env)
     raise AssertionError("unreachable")  # pragma: no cover

@@ -31,35 +31,55 @@ def _start(config_path: str, overrides: Sequence[str]) -> tuple[Config, object]:
     return cfg, dist_env
 
 
+class _StopRequest:
+    """Holds a stop request until the trainer exists; then the signal handlers set the trainer's."""
+
+    stop_requested = False
+
+
 def train(config_path: str, overrides: Sequence[str]) -> int:
     from .guard import EXIT_DIVERGED, TrainingDiverged
     from .lineage import RunDirectory
     from .trainer import Trainer, TrainingInterrupted
+    from .watchdog import start_watchdog
 
     cfg, dist_env = _start(config_path, overrides)
     trainer = None
     run_dir = None
+    watchdog = None
+    # From here to the end: a signal during start-up becomes a stop at the first step boundary (with a
+    # checkpoint), and one during the final save or tracker finish lets them complete instead of killing them.
+    stop_signals = stop_on_signals(_StopRequest(), cfg.train.preemption_signal, announce=dist_env.is_main)
     try:
-        # Before anything is written: lock output_dir and decide whose run this is (collective).
-        run_dir = RunDirectory.open(cfg, dist_env)
-        if dist_env.is_main:
-            for note in run_dir.info.notes:
-                print(f"dist-train: {note}", flush=True)
-            atomic_write(Path(cfg.output_dir) / "config.yaml", cfg.to_yaml())
-            print("resolved config:\n" + cfg.to_yaml(), flush=True)
-        trainer = Trainer.build(cfg, dist_env, run_dir.info)
-        with stop_on_signals(trainer, cfg.train.preemption_signal, announce=dist_env.is_main) as stop_signals:
-            summary = trainer.fit()
-        if dist_env.is_main:
-            accuracy = summary["eval"].get("eval/accuracy")
-            final = f"test accuracy {accuracy:.4f}" if accuracy is not None else f"test loss {summary['eval']['eval/loss']:.6f}"
-            print(f"done: {summary['optimizer_steps']} optimizer steps, {final}; outputs in {cfg.output_dir}", flush=True)
-        return 0
-    except TrainingInterrupted as e:
-        # Close the tracker before a Slurm requeue, which ends this job's processes.
-        trainer.close()
-        trainer = None
-        return finish_interrupted(e, dist_env, preempted=stop_signals.preempted)
+        with stop_signals:
+            # A rank stuck anywhere from here on is named and the job exits to retry (watchdog.py).
+            watchdog = start_watchdog(cfg, dist_env)
+            # Before anything is written: lock output_dir and decide whose run this is (collective).
+            run_dir = RunDirectory.open(cfg, dist_env)
+            if dist_env.is_main:
+                for note in run_dir.info.notes:
+                    print(f"dist-train: {note}", flush=True)
+                atomic_write(Path(cfg.output_dir) / "config.yaml", cfg.to_yaml())
+                print("resolved config:\n" + cfg.to_yaml(), flush=True)
+            trainer = Trainer.build(cfg, dist_env, run_dir.info)
+            trainer.stop_requested = stop_signals.target.stop_requested
+            stop_signals.target = trainer
+            if watchdog is not None:
+                trainer.watchdog = watchdog
+            try:
+                summary = trainer.fit()
+            except TrainingInterrupted as e:
+                # Close the tracker before a Slurm requeue, which ends this job's processes.
+                trainer.close()
+                trainer = None
+                return finish_interrupted(e, dist_env, preempted=stop_signals.preempted, signalled=bool(stop_signals.received), timing=_stop_timing(stop_signals, e))
+            if dist_env.is_main:
+                accuracy = summary["eval"].get("eval/accuracy")
+                final = f"test accuracy {accuracy:.4f}" if accuracy is not None else f"test loss {summary['eval']['eval/loss']:.6f}"
+                print(f"done: {summary['optimizer_steps']} optimizer steps, {final}; outputs in {cfg.output_dir}", flush=True)
+            trainer.close()
+            trainer = None
+            return 0
     except TrainingDiverged as e:
         # Every rank raised it at the same step (the check is collective); a restart must not loop into it.
         if dist_env.is_main:
@@ -69,9 +89,23 @@ def train(config_path: str, overrides: Sequence[str]) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+        if watchdog is not None:
+            watchdog.stop()  # joined before the process group and the interpreter go down
         if run_dir is not None:
             run_dir.close()
         destroy_process_group()
+
+
+def _stop_timing(stop_signals: object, interrupted: BaseException) -> str:
+    """How long the stop took, to hold against the launcher's grace period (torchrun: 30 s by default)."""
+    import time
+
+    save = getattr(interrupted, "save_seconds", None)
+    parts = [f"the checkpoint took {save:.1f} s"] if save is not None else []
+    received_at = getattr(stop_signals, "first_received_at", None)
+    if received_at is not None:
+        parts.append(f"{time.monotonic() - received_at:.1f} s after the signal arrived")
+    return "; ".join(parts)
 
 
 def evaluate(config_path: str, overrides: Sequence[str]) -> int:

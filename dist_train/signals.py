@@ -21,13 +21,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from types import FrameType
 from typing import Any, Optional
 
 from .config import ConfigError
 from .env import DistEnv
+from .errors import EXIT_INTERRUPTED
 
-EXIT_INTERRUPTED = 130
 _UNCATCHABLE = {"SIGKILL", "SIGSTOP"}
 
 
@@ -58,6 +59,7 @@ class StopOnSignals:
         self.preemption_signal = preemption_signal
         self.announce = announce
         self.received: list[str] = []
+        self.first_received_at: Optional[float] = None  # time.monotonic() of the first signal
         self._previous: dict[signal.Signals, Any] = {}
 
     def __enter__(self) -> "StopOnSignals":
@@ -78,6 +80,8 @@ class StopOnSignals:
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         name = signal.Signals(signum).name
         self.received.append(name)
+        if self.first_received_at is None:
+            self.first_received_at = time.monotonic()
         if self.announce and not self.target.stop_requested:
             # os.write, not print: a handler may interrupt a print in progress (print is not reentrant).
             os.write(2, f"dist-train: received {name}; saving a checkpoint at the next step boundary and stopping\n".encode())
@@ -109,30 +113,71 @@ def requeue_slurm_job(job_id: str, timeout: float = 60.0) -> tuple[bool, str]:
     return True, f"requeued Slurm job {job_id}; it resumes from the checkpoint when Slurm restarts it"
 
 
-def finish_interrupted(reason: BaseException, dist_env: DistEnv, preempted: bool) -> int:
+def finish_interrupted(reason: BaseException, dist_env: DistEnv, preempted: bool, signalled: bool = True, timing: str = "") -> int:
     """After the collective checkpoint: say so, requeue a preempted Slurm job (main process), return the status.
 
-    `preempted`: this rank got the preemption signal; any rank's counts. The status is EXIT_INTERRUPTED
-    either way: the training did not finish in this process, and a wrapper script must not mistake the stop
-    for success. A requeued job runs again regardless of it.
+    `preempted`: this rank got the preemption signal; `signalled`: this rank got any stop signal; any
+    rank's counts. A stop that no signal asked for (train.stop_at_step) is planned: exit 0, so torchrun
+    does not report it as a failure. A signalled stop exits EXIT_INTERRUPTED: the training did not finish,
+    and a wrapper script must not mistake it for success. A requeued job runs again regardless of it.
     """
     import torch
     import torch.distributed as dist
 
+    from .errors import EXIT_OK
+
     grouped = dist.is_available() and dist.is_initialized()
     if grouped:
-        flag = torch.tensor([float(preempted)], device=dist_env.torch_device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        preempted = bool(flag.item())
+        flags = torch.tensor([float(preempted), float(signalled)], device=dist_env.torch_device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        preempted, signalled = bool(flags[0].item()), bool(flags[1].item())
     if dist_env.is_main:
-        print(f"dist-train: interrupted: {reason}", file=sys.stderr, flush=True)
+        print(f"dist-train: {'interrupted: ' if signalled else ''}{reason}" + (f" ({timing})" if timing else ""), file=sys.stderr, flush=True)
         if dist_env.slurm_job_id is not None and preempted:
             _, message = requeue_slurm_job(dist_env.slurm_job_id)
             print(f"dist-train: {message}", file=sys.stderr, flush=True)
-        elif dist_env.slurm_job_id is not None:
+        elif dist_env.slurm_job_id is not None and signalled:
             print(f"dist-train: Slurm job {dist_env.slurm_job_id} not requeued: only the preemption signal (train.preemption_signal) requeues", file=sys.stderr, flush=True)
     # The other ranks wait for the requeue: an earlier non-zero exit would let srun (--kill-on-bad-exit)
     # end the step, and rank 0 with it, before `scontrol requeue` was sent.
     if grouped:
         dist.barrier()
-    return EXIT_INTERRUPTED
+    return EXIT_INTERRUPTED if signalled else EXIT_OK
+
+
+class StopAgreement:
+    """All ranks agree on a stop request at the same optimizer step, one step after it arrived, without
+    a host sync per step.
+
+    At each step boundary every rank starts an asynchronous MAX all-reduce of its stop flag on a gloo group
+    of its own (CPU tensors: no device sync, even under NCCL) and waits for the one it started at the
+    previous boundary, which has long finished (DDP keeps ranks within one step of each other). Every rank
+    reads the same result at the same boundary, so all stop at the same step. Costs one tiny collective
+    per step, overlapped with the next step's compute."""
+
+    def __init__(self, dist_env: DistEnv) -> None:
+        import torch
+        import torch.distributed as dist
+
+        self._torch, self._dist = torch, dist
+        self.group = dist.new_group(backend="gloo") if dist_env.distributed and dist.is_initialized() else None
+        self._work: Any = None
+        self._flag: Any = None
+
+    def step(self, requested: bool) -> bool:
+        """Called at every step boundary on every rank; True at the boundary after any rank's request."""
+        if self.group is None:
+            return requested
+        agreed = False
+        if self._work is not None:
+            self._work.wait()
+            agreed = bool(self._flag.item() > 0)
+        self._flag = self._torch.tensor([float(requested)])
+        self._work = self._dist.all_reduce(self._flag, op=self._dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return agreed
+
+    def close(self) -> None:
+        """Finish the collective in flight (every rank started it), so none is pending at teardown."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None

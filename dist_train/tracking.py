@@ -302,6 +302,8 @@ class ConsoleLog:
             f"step {step:>6} | epoch {epoch} | loss {metrics['train/loss']:.4f} | lr {metrics['train/lr']:.3e} | "
             f"grad_norm {metrics['train/grad_norm']:.3f} | {metrics['train/samples_per_second']:.0f} samples/s"
         )
+        if metrics.get("train/rank_skew", 1.0) >= 1.2:  # one rank holds the others back noticeably
+            line += f" | slowest rank {metrics['train/slowest_rank']:.0f} x{metrics['train/rank_skew']:.1f}"
         if "train/skipped_steps" in metrics:  # fp16: the loss above leaves out the steps the scaler skipped
             line += f" | skipped {metrics['train/skipped_steps']:.0f}"
         self.print(line)

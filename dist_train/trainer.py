@@ -31,6 +31,7 @@ from .models import ModelSpec, build_model, model_spec
 from .optim import apply_hyperparameters, build_optimizer, build_scheduler
 from .strategies import Strategy, build_strategy
 from .tracking import ConsoleLog, Tracker, build_tracker
+from .watchdog import NullWatchdog, Watchdog
 
 
 class TrainingInterrupted(RuntimeError):
@@ -126,6 +127,10 @@ class Trainer:
         self.stop_requested = False  # set from a signal handler; acted on at a step boundary by all ranks
         self.skips = SkipCounter(strategy.device) if cfg.train.precision == "fp16" else None
         self._skipped_before = 0  # skipped steps restored from the checkpoint; self.skips counts this process's
+        self.watchdog: Watchdog | NullWatchdog = NullWatchdog()  # run.py starts a real one for multi-process jobs
+        self.stop_agreement: Any = None  # signals.StopAgreement, made collectively in fit()
+        self.save_seconds = 0.0  # how long the newest checkpoint save took (told against the grace period)
+        self._straggler_streak: tuple[int, int] = (-1, 0)  # (rank, log steps in a row it was the slow one)
 
     # ------------------------------------------------------------ assembly
 
@@ -178,6 +183,9 @@ class Trainer:
             f"{self.data.num_eval_samples} eval samples; {total_steps} optimizer steps planned"
         )
 
+        from .signals import StopAgreement
+
+        self.stop_agreement = StopAgreement(self.dist_env)
         self._resume()
         rng_state = self.rng.state_dict()
         self.tracker.start(cfg, self.progress.optimizer_step)
@@ -196,6 +204,7 @@ class Trainer:
             self.strategy.train_mode(True)
             steps_before = self.progress.optimizer_step
             data_wait_start = time.perf_counter()
+            self.watchdog.mark(self.progress.optimizer_step + 1, "data")
             for step_batches in train_loader:
                 window.data_wait += time.perf_counter() - data_wait_start
                 next_step = self.progress.optimizer_step + 1
@@ -205,9 +214,13 @@ class Trainer:
                 epoch_done = step % steps_per_epoch == 0
                 if epoch_done:
                     self.progress.epoch += 1
-                stop = step == cfg.train.stop_at_step
+                self.watchdog.steady = True
+                # Every rank calls the agreement at every boundary (no short-circuit): it is a collective.
+                agreed = self.stop_agreement.step(self.stop_requested)
+                stop = step == cfg.train.stop_at_step or agreed
                 save_for_time = False
                 if step % cfg.train.log_interval == 0 or step == total_steps:
+                    self.watchdog.mark(step, "log")
                     requested, save_for_time = self._log(window, bar)
                     stop = stop or requested
                     window = self._new_window()
@@ -219,18 +232,27 @@ class Trainer:
                 self.checkpointer.poll()
                 if stop:
                     bar.close()
+                    self.watchdog.mark(step, "finish")
+                    self.stop_agreement.close()
                     self.checkpointer.wait()
                     # Launchers kill the remaining ranks once one exits non-zero: close the main process's
                     # trackers (W&B writes its last step at finish) before any rank may leave.
                     self.tracker.finish()
                     self.strategy.barrier()
-                    raise TrainingInterrupted(f"stopped on request at optimizer step {step}; checkpoint saved under {self.checkpointer.directory}")
+                    planned = step == cfg.train.stop_at_step and not self.stop_requested
+                    why = " (train.stop_at_step, a planned stop)" if planned else ""
+                    interrupted = TrainingInterrupted(f"stopped on request at optimizer step {step}{why}; checkpoint saved under {self.checkpointer.directory}")
+                    interrupted.save_seconds = self.save_seconds
+                    raise interrupted
                 if step >= total_steps or epoch_done:
                     break
                 data_wait_start = time.perf_counter()
+                self.watchdog.mark(step + 1, "data")
             if self.progress.optimizer_step == steps_before:
                 raise RuntimeError(f"the training loader yielded no batch in epoch {self.progress.epoch}; its position is {train_loader.state_dict()}")
         bar.close()
+        self.watchdog.mark(self.progress.optimizer_step, "finish")
+        self.stop_agreement.close()
 
         elapsed = time.perf_counter() - start_time
         # The end-of-run checkpoint comes before the final evaluation: an error in evaluation (a bad label in
@@ -280,17 +302,22 @@ class Trainer:
         sample_weight = self._sample_weight(step_batches)
         step_loss: Any = None
         first_micro_batch = self.dist_env.global_rank * len(step_batches)
+        self.watchdog.mark(self.progress.optimizer_step + 1, "forward/backward")
         for i, (inputs, targets) in enumerate(step_batches):
             inputs = inputs.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             self._seed_micro_batch(first_micro_batch + i)
             with strategy.accumulation_context(i == last):
+                forward_start = time.perf_counter()
                 with strategy.autocast():
-                    outputs = strategy.model(inputs)
+                    outputs = self._forward(inputs)
                 loss = loss_function(self.spec.task, outputs, targets)
+                # Before the first collective of the step (DDP reduces in backward): a rank's own pace.
+                window.forward += time.perf_counter() - forward_start
                 strategy.backward(loss if sample_weight is None else loss * (inputs.shape[0] * sample_weight), i == last)
             step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
             self.progress.micro_step += 1
+        self.watchdog.mark(self.progress.optimizer_step + 1, "optimizer")
         result = strategy.optimizer_step(compute_grad_norm=will_log)
         if not strategy.steps_scheduler:
             strategy.scheduler.step()
@@ -300,6 +327,20 @@ class Trainer:
             self.skips.add(result.skipped)
         window.add_step(step_loss, len(step_batches), result.grad_norm, result.skipped if self.skips is not None else False)
         window.compute += time.perf_counter() - compute_start
+
+    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.strategy.model(inputs)
+        except RuntimeError as e:
+            if any(text in str(e) for text in ("shapes cannot be multiplied", "size mismatch", "Expected input", "expected input")):
+                from .config import ConfigError
+
+                raise ConfigError(
+                    f"model.name={self.cfg.model.name} does not fit the data: the data gives inputs of shape "
+                    f"{tuple(inputs.shape[1:])} per sample and the model's forward failed with: {str(e).splitlines()[0]}; "
+                    "set model.input_shape / model.kwargs to match the data (or another data.source)"
+                ) from None
+            raise
 
     def _seed_micro_batch(self, index: int) -> None:
         """Dropout (and any other draw in forward/backward) from a stream of its own for each micro-batch:
@@ -358,9 +399,13 @@ class Trainer:
 
     def _save(self, window: StepWindow) -> None:
         """Collective: check, make every rank hold the same buffers, save."""
+        self.watchdog.mark(self.progress.optimizer_step, "checkpoint")
+        started = time.perf_counter()
         self._check_finite(window)
         self.strategy.sync_buffers()
         self.checkpointer.save(self.progress.optimizer_step, self.stateful())
+        self.save_seconds = time.perf_counter() - started
+        self.watchdog.last_checkpoint_step = self.progress.optimizer_step
 
     def _log(self, window: StepWindow, bar: Any) -> tuple[bool, bool]:
         """Collective at log steps: one all-gather carries every rank's loss totals, first non-finite step,
@@ -372,6 +417,8 @@ class Trainer:
             *self._skip_values(),
             torch.tensor(float(self.stop_requested)),
             torch.tensor(float(self.checkpointer.seconds_due())),
+            torch.tensor(window.data_wait + window.forward),  # this rank's own pace (straggler columns)
+            torch.tensor(window.data_wait),
         ])
         self._count_skips([r[2:] for r in rows])
         self._divergence(rows, first_bad_col=2, skip_run_col=3)
@@ -391,6 +438,7 @@ class Trainer:
             # Fractional progress through the data (1.0 = one full epoch), continuous across epoch ends.
             "train/epoch": self.progress.optimizer_step / self.data.train.steps_per_epoch,
         }
+        metrics.update(self._stragglers([r[7] for r in rows], [r[8] for r in rows], window.steps))
         if self.skips is not None:
             metrics["train/skipped_steps"] = float(self.progress.skipped_steps)
         if torch.cuda.is_available() and self.strategy.device.type == "cuda":
@@ -401,6 +449,32 @@ class Trainer:
         self.console.log_line(self.progress.optimizer_step, step_epoch, metrics, bar)
         self.tracker.log(metrics, step=self.progress.optimizer_step)
         return stop, save_for_time
+
+    def _stragglers(self, paces: list[float], data_waits: list[float], steps: int) -> dict[str, float]:
+        """The slowest rank by its own data + forward time this window, its skew against the median rank,
+        and a warning once the same rank stays over train.straggler_warn_skew for 3 log steps in a row."""
+        if len(paces) < 2:
+            return {}
+        slowest = max(range(len(paces)), key=lambda r: paces[r])
+        median = sorted(paces)[len(paces) // 2 - (1 if len(paces) % 2 == 0 else 0)]
+        skew = paces[slowest] / max(median, 1e-9)
+        threshold = self.cfg.train.straggler_warn_skew
+        rank, streak = self._straggler_streak
+        streak = streak + 1 if (threshold and skew >= threshold and rank == slowest) else (1 if threshold and skew >= threshold else 0)
+        self._straggler_streak = (slowest, streak)
+        if streak == 3:
+            self.console.print(
+                f"warning: rank {slowest} is a straggler: its data + forward time is {skew:.1f}x the median rank's "
+                f"for 3 log steps in a row ({paces[slowest] / max(steps, 1) * 1000:.0f} ms/step vs {median / max(steps, 1) * 1000:.0f}; "
+                f"data wait {data_waits[slowest] / max(steps, 1) * 1000:.0f} ms/step): every rank waits for it at each step "
+                "(train.straggler_warn_skew)"
+            )
+        return {
+            "train/slowest_rank": float(slowest),
+            "train/rank_skew": skew,
+            "train/slowest_rank_ms_per_step": paces[slowest] / max(steps, 1) * 1000,
+            "train/max_data_wait_ms_per_step": max(data_waits) / max(steps, 1) * 1000,
+        }
 
     # ------------------------------------------------------------ evaluation
 
@@ -415,6 +489,7 @@ class Trainer:
         correct = torch.zeros((), device=device, dtype=torch.float64)
         count = torch.zeros((), device=device, dtype=torch.float64)
         for inputs, targets, weights in self.data.eval:
+            self.watchdog.mark(self.progress.optimizer_step, "eval")
             inputs, targets, weights = inputs.to(device), targets.to(device), weights.to(device, torch.float64)
             with strategy.autocast():
                 outputs = strategy.eval_forward(inputs)
@@ -451,6 +526,7 @@ class Trainer:
         self.strategy.barrier()
 
     def close(self) -> None:
+        self.watchdog.mark(self.progress.optimizer_step, "finish")
         self.tracker.finish()
         self.strategy.teardown()
 

@@ -65,8 +65,8 @@ def tracked_job(tmp_path_factory):
     env = {"WANDB_API_KEY": FAKE_API_KEY}
     first_args = [*TRACKED, f"output_dir={out}", "train.max_steps=7", "train.stop_at_step=4"]
     first = procs.dist_train(["train", *first_args], nproc=2, timeout=240, env=env, check=False)
-    # Each rank exits EXIT_INTERRUPTED; torchrun reports that as its own failure status.
-    assert first.returncode != 0 and "interrupted: stopped on request at optimizer step 4" in first.stderr, first.output[-4000:]
+    # A planned stop exits 0 on every rank, so torchrun does not report it as a failure.
+    assert first.returncode == 0 and "stopped on request at optimizer step 4 (train.stop_at_step" in first.stderr, first.output[-4000:]
     first_runs = find_runs(out / "wandb")
     second = procs.dist_train(["train", *TRACKED, f"output_dir={out}", "train.max_steps=7", "train.resume=auto"], nproc=2, timeout=240, env=env)
     return {"out": out, "first": first, "first_runs": first_runs, "first_args": first_args, "second": second}
