@@ -224,7 +224,13 @@ def save_side_state(directory: Path, extra_state: dict, dist_env: DistEnv) -> No
 
 
 def load_side_state(directory: Path, extra_state: dict, dist_env: DistEnv) -> None:
-    shared = json.loads((directory / TRAINER_FILE).read_text())
+    try:
+        shared = json.loads((directory / TRAINER_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{directory / TRAINER_FILE} is damaged or missing ({e}); resume from an earlier step-N directory with "
+            "train.resume=PATH, or start over with train.start_over=true"
+        ) from None
     for key, obj in extra_state.items():
         if key != "rng" and key in shared:
             obj.load_state_dict(shared[key])
@@ -383,9 +389,8 @@ def dcp_load(strategy: "Strategy", directory: Path, extra_state: dict) -> None:
         dcp.load(state, storage_reader=_safe_reader(directory), planner=_safe_planner())
     except CheckpointError:
         raise
-    except Exception as e:  # DCP raises a CheckpointException wrapping per-rank tracebacks
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {directory} does not fit this model/optimizer: {first}") from None
+    except _DCP_FAILURES as e:  # DCP raises a CheckpointException (a BaseException) wrapping per-rank tracebacks
+        raise CheckpointError(_dcp_failure(directory, e, "does not fit this model/optimizer")) from None
     set_state_dict(strategy.unwrapped_model, strategy.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     strategy.scheduler.load_state_dict(state["scheduler"])
     if state["scaler"]:
@@ -405,10 +410,34 @@ def load_dcp_full(directory: Path) -> dict:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
             _load_state_dict(state, storage_reader=_safe_reader(directory), planner=_safe_planner(empty=True), no_dist=True)
-    except Exception as e:  # DCP wraps per-rank failures (a missing shard file, a refused pickle) in one exception
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {directory} cannot be read: {first}") from None
+    except _DCP_FAILURES as e:  # DCP wraps per-rank failures (a missing shard file, a refused pickle) in one exception
+        raise CheckpointError(_dcp_failure(directory, e, "cannot be read")) from None
     return state
+
+
+def _dcp_failures() -> tuple[type[BaseException], ...]:
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:  # pragma: no cover
+        return (Exception,)
+    return (Exception, CheckpointException)
+
+
+_DCP_FAILURES = _dcp_failures()
+_DAMAGE = ("EOFError", "UnpicklingError", "PytorchStreamReader", "unexpected EOF", "invalid load key", "failed finding central directory")
+
+
+def _dcp_failure(directory: Path, error: BaseException, otherwise: str) -> str:
+    """One line for a failed DCP read: damaged files are named as such, anything else as `otherwise`."""
+    text = str(error).strip()
+    first = text.splitlines()[-1] if text else type(error).__name__
+    if any(marker in text for marker in _DAMAGE):
+        files = ", ".join(sorted(p.name for p in Path(directory).glob("*.distcp"))) or "its .distcp files"
+        return (
+            f"checkpoint {directory} is damaged: a tensor file ({files}) cannot be read ({first}); resume from an "
+            "earlier step-N directory with train.resume=PATH, or start over with train.start_over=true"
+        )
+    return f"checkpoint {directory} {otherwise}: {first}"
 
 
 # ---------------------------------------------------------------- the manager

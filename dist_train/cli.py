@@ -77,7 +77,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"dist-train: config error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    except Exception as e:  # user-facing errors from other modules carry their own clear message
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # user-facing errors carry their own clear message (DCP's CheckpointException is a BaseException)
         classified = classify(e)
         if classified is None:
             raise

@@ -47,11 +47,16 @@ def storage_error(error: BaseException) -> Optional[OSError]:
         seen.add(id(current))
         if isinstance(current, OSError) and current.errno in _STORAGE_ERRNOS:
             return current
-        if "No space left on device" in str(current):  # DCP and torch.save re-raise some write errors as RuntimeError
+        text = str(current)
+        # torch.save's zip writer loses the errno: "PytorchStreamWriter failed writing file ...: file write failed".
+        if "No space left on device" in text or "file write failed" in text:
             return OSError(errno.ENOSPC, "No space left on device")
         failures = getattr(current, "failures", None)
-        if isinstance(failures, dict):
-            pending.extend(f for f in failures.values() if isinstance(f, BaseException))
+        if isinstance(failures, dict):  # DCP: {rank: (exception, traceback summary)}
+            for failure in failures.values():
+                failure = failure[0] if isinstance(failure, tuple) and failure else failure
+                if isinstance(failure, BaseException):
+                    pending.append(failure)
         for linked in (current.__cause__, current.__context__):
             if linked is not None:
                 pending.append(linked)
@@ -85,6 +90,8 @@ def classify(error: BaseException) -> Optional[tuple[str, str, int]]:
         return "config error", str(error), EXIT_CONFIG_ERROR
     if isinstance(error, LaunchError):  # like a config error, the launch command or its environment must change
         return "launch error", str(error), EXIT_CONFIG_ERROR
+    if isinstance(error, (FileExistsError, NotADirectoryError)) and error.filename:
+        return "config error", f"{error.filename} is a file where a directory is needed: set output_dir (or the key naming it) to a directory", EXIT_CONFIG_ERROR
     storage = storage_error(error)
     if storage is not None:
         return "storage error", describe_storage_error(storage), EXIT_STORAGE_ERROR

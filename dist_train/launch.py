@@ -83,7 +83,8 @@ def launch_command(args: argparse.Namespace) -> int:
     # torchrun forwards only SIGTERM, SIGINT, SIGHUP and SIGQUIT to its workers; any other signal (Slurm's
     # --signal=USR2@120 reaches the agent too) kills the agent and leaves the workers training unsupervised.
     # Handled, the agent sends it on to the workers, which save, stop, and exit before the agent does.
-    env.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", f"SIGTERM,SIGINT,SIGHUP,SIGQUIT,{preemption_signal}")
+    # torchrun's --signals-to-handle (torch >= 2.8) read from its PET_ variable, which older torchrun ignores.
+    env.setdefault("PET_SIGNALS_TO_HANDLE", f"SIGTERM,SIGINT,SIGHUP,SIGQUIT,{preemption_signal}")
     # exec, not a child: Ctrl-C and the scheduler's signals reach torchrun directly, and its exit status is ours.
     os.execve(cmd[0], cmd, env)
     raise AssertionError("unreachable")  # pragma: no cover

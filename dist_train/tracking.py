@@ -9,7 +9,9 @@ failure into one warning: training never dies because W&B or TensorBoard did.
 from __future__ import annotations
 
 import os
+import secrets
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Optional
 
@@ -158,6 +160,11 @@ def resolve_wandb_mode(configured: Optional[str]) -> str:
     return "online" if wandb_api_key_configured() else "offline"
 
 
+def _new_run_id() -> str:
+    # `secrets`, not `random`: nothing here may draw from the generators training uses.
+    return "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))
+
+
 class WandbTracker(Tracker):
     """One W&B run per training job; its id is checkpointed and a resumed job continues that run."""
 
@@ -171,6 +178,11 @@ class WandbTracker(Tracker):
         self.min_step = 0
 
     def start(self, cfg: Config, step: int) -> None:
+        """Starts W&B in a background thread and returns at once.
+
+        An online init waits for the server up to init_timeout_seconds (and W&B retries beyond it); on the main
+        process that would hold every other rank in its next collective, past strategy.timeout_seconds. Until
+        the thread is done, `log` keeps the metrics and sends them in order once the run exists."""
         try:
             import wandb
         except ImportError as e:
@@ -180,6 +192,8 @@ class WandbTracker(Tracker):
         if mode == "disabled":
             return
         self.directory.mkdir(parents=True, exist_ok=True)
+        # The id is known at once, so a checkpoint taken before the init finishes still continues this run.
+        self.run_id = self.run_id or _new_run_id()
         init_args: dict[str, Any] = dict(
             project=self.settings.project,
             entity=self.settings.entity,
@@ -188,39 +202,81 @@ class WandbTracker(Tracker):
             config=cfg.to_dict(),
             dir=str(self.directory),
             settings=wandb.Settings(init_timeout=self.settings.init_timeout_seconds),
-        )
-        if self.run_id:
             # "allow", not "must": a run started offline and never synced is new to the server.
-            init_args.update(id=self.run_id, resume="allow")
-        try:
-            self.run = wandb.init(mode=mode, **init_args)
-        except Exception as e:
-            if mode != "online":
-                raise
-            warn(
-                f"W&B online init failed ({describe(e)}); logging offline under {self.directory / 'wandb'} instead "
-                "(upload later with `wandb sync`; waiting longer: tracking.wandb.init_timeout_seconds)"
-            )
-            mode = "offline"
-            self.run = wandb.init(mode=mode, **init_args)
-        self.run_id = self.run.id
-        # W&B drops steps below the run's current one: online the server knows it after a resume; offline
-        # an earlier attempt that crashed after the checkpoint may have written later steps to its own file.
-        self.min_step = int(getattr(self.run, "starting_step", 0) or 0)
-        if mode == "offline" and step > 0:
-            from .wandb_offline import last_logged_step
+            id=self.run_id,
+            resume="allow",
+        )
+        self._pending: list[tuple[dict, int]] = []
+        self._init_error: Optional[BaseException] = None
+        self._ready = threading.Event()
+        self._init_thread = threading.Thread(target=self._init, args=(wandb, mode, init_args, step), name="dist_train-wandb-init", daemon=True)
+        self._init_thread.start()
 
-            previous = last_logged_step(self.directory / "wandb", self.run_id)
-            if previous is not None:
-                self.min_step = max(self.min_step, previous + 1)
+    def _init(self, wandb: Any, mode: str, init_args: dict, step: int) -> None:
+        try:
+            try:
+                run = wandb.init(mode=mode, **init_args)
+            except Exception as e:
+                if mode != "online":
+                    raise
+                warn(
+                    f"W&B online init failed ({describe(e)}); logging offline under {self.directory / 'wandb'} instead "
+                    "(upload later with `wandb sync`; waiting longer: tracking.wandb.init_timeout_seconds)"
+                )
+                mode = "offline"
+                # A new id: W&B's service still holds the failed online run under the old one and writes nothing
+                # for a second run of that id in this process.
+                self.run_id = init_args["id"] = _new_run_id()
+                run = wandb.init(mode=mode, **init_args)
+            # W&B drops steps below the run's current one: online the server knows it after a resume; offline
+            # an earlier attempt that crashed after the checkpoint may have written later steps to its own file.
+            min_step = int(getattr(run, "starting_step", 0) or 0)
+            if mode == "offline" and step > 0:
+                from .wandb_offline import last_logged_step
+
+                previous = last_logged_step(self.directory / "wandb", self.run_id)
+                if previous is not None:
+                    min_step = max(min_step, previous + 1)
+            self.min_step = min_step
+            self.run = run
+        except BaseException as e:  # reported on the main thread by the next log/finish
+            self._init_error = e
+        finally:
+            self._ready.set()
+
+    def _flush_pending(self) -> None:
+        """On the main thread: raise an init failure (TrackerGroup drops the tracker), or send what waited."""
+        if self._init_error is not None:
+            error, self._init_error = self._init_error, None
+            raise error
+        pending, self._pending = self._pending, []
+        for metrics, step in pending:
+            self._log_now(metrics, step)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        if not hasattr(self, "_ready"):
+            return
+        if not self._ready.is_set():
+            self._pending.append((dict(metrics), step))
+            return
+        self._flush_pending()
+        self._log_now(metrics, step)
+
+    def _log_now(self, metrics: dict[str, float], step: int) -> None:
         # An explicit step with the default commit: a second call at the same step joins that step's row;
         # the row is written when a higher step arrives (or at finish).
         if self.run is not None and step >= self.min_step:
             self.run.log(dict(metrics), step=step)
 
     def finish(self) -> None:
+        if not hasattr(self, "_ready"):
+            return
+        # Bounded: W&B's own init timeout, then the offline fallback.
+        self._ready.wait(timeout=2 * self.settings.init_timeout_seconds + 60)
+        if not self._ready.is_set():
+            warn(f"W&B did not start within {2 * self.settings.init_timeout_seconds + 60:.0f} s; its metrics of this run are not recorded")
+            return
+        self._flush_pending()
         if self.run is not None:
             self.run.finish()
             self.run = None

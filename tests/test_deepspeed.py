@@ -178,3 +178,44 @@ def test_fp16_under_zero2_on_gpus_trains(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     # DeepSpeed's dynamic loss scale starts at 2**16 and skips the first overflowing steps, on every rank alike.
     assert summary["skipped_steps"] < 15 and summary["eval"]["eval/accuracy"] > 0.5, summary
+
+
+# ---------------------------------------------------------------- no code from a checkpoint
+
+
+class _RunsACommand:
+    """What a crafted checkpoint would hold: unpickling it calls os.system."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.command,))
+
+
+@pytest.mark.slow
+def test_a_crafted_deepspeed_checkpoint_is_refused_on_resume_and_export_and_runs_nothing(scenarios, tmp_path):
+    import shutil
+
+    out, _ = scenarios
+    crafted = tmp_path / "step-00000003"
+    shutil.copytree(out / "resume2_split" / "checkpoints" / "step-00000003", crafted)
+    marker = tmp_path / "code-ran"
+    target = crafted / "zero" / "mp_rank_00_model_states.pt"
+    torch.save({"module": _RunsACommand(f"touch {marker}")}, target)
+
+    exported = dist_train(["export", str(crafted), "--out", str(tmp_path / "model.pt")], timeout=240, check=False)
+    resumed = dist_train(
+        ["train", str(MLP), "data.source=digits", "train.global_batch_size=32", "train.micro_batch_size=8", "train.progress_bar=false",
+         "strategy.name=deepspeed", "strategy.zero_stage=2", f"strategy.deepspeed_config={REPO}/configs/deepspeed/zero2.json",
+         f"train.resume={crafted}", f"output_dir={tmp_path / 'resumed'}"],  # fmt: skip
+        timeout=300,
+        check=False,
+    )
+    for result in (exported, resumed):
+        assert result.returncode == 2, result.output[-3000:]
+        assert f"checkpoint file {target} refers to posix.system" in result.stderr and "Traceback" not in result.output, result.output[-3000:]
+    assert not marker.exists()
+    assert not (tmp_path / "model.pt").exists()

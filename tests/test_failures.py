@@ -63,7 +63,8 @@ def test_stopped_rank_is_named_and_the_job_retries_from_its_checkpoint(straggler
     args = [*STRAGGLER, f"output_dir={out}", "checkpoint.interval_steps=10",
             f"strategy.hang_timeout_seconds={HANG_TIMEOUT}", "strategy.startup_timeout_seconds=60"]  # fmt: skip
     agent = start([*LAUNCH, "--max-restarts", "1", *args], log)
-    _wait_until(lambda: any((out / "checkpoints").glob("step-*/COMPLETE")), agent, log, 300, "a complete checkpoint")
+    # Past the step-10 checkpoint, mid-epoch; rank 1 spends most of each step asleep in its forward.
+    _wait_until(lambda: re.search(r"step\s+15 \|", log.read_text()), agent, log, 300, "step 15")
     workers = _workers(psutil.Process(agent.pid))
     workers["1"].suspend()  # SIGSTOP: alive, holding its sockets, answering nothing
     stopped_at = time.monotonic()
@@ -130,3 +131,166 @@ def test_sigusr2_to_the_agent_leaves_no_worker_running(tmp_path, start):
     # The workers got the signal from the agent, saved and stopped as for a preemption.
     assert "received SIGUSR2" in output and re.search(r"interrupted: stopped on request at optimizer step \d+", output), output[-4000:]
     assert list((out / "checkpoints").glob("step-*/COMPLETE"))
+
+
+@pytest.mark.slow
+def test_wandb_at_a_silent_address_never_stalls_the_other_ranks(tmp_path):
+    """W&B online at a loopback port that accepts connections and never answers (nothing leaves the
+    machine): the other rank's collectives time out after 20 s, W&B's init waits 30 s; the run completes
+    and its metrics are logged offline."""
+    import socket
+
+    from dist_train.wandb_offline import find_runs, read_run
+    from tests import procs
+    from tests.test_tracking import FAKE_API_KEY
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # the kernel completes the handshakes; nobody ever reads or answers
+    try:
+        env = {"WANDB_API_KEY": FAKE_API_KEY, "WANDB_BASE_URL": f"http://127.0.0.1:{silent.getsockname()[1]}"}
+        out = tmp_path / "out"
+        args = ["train", "configs/linear_regression.yaml", "train.max_steps=6", "train.log_interval=2", "train.progress_bar=false",
+                f"output_dir={out}", "strategy.timeout_seconds=20", "tracking.wandb.enabled=true", "tracking.wandb.mode=online",
+                "tracking.wandb.init_timeout_seconds=30"]  # fmt: skip
+        result = procs.dist_train(args, nproc=2, timeout=240, env=env, check=False)
+    finally:
+        silent.close()
+    assert result.returncode == 0, result.output[-4000:]
+    assert "done: 6 optimizer steps" in result.output
+    assert "W&B online init failed" in result.output and "logging offline" in result.output
+    runs = find_runs(out / "wandb")
+    assert len(runs) == 1 and read_run(runs[0]).steps == [2, 4, 6]
+
+
+# ---------------------------------------------------------------- one line, the right exit code, nothing lost
+
+SHORT = ["configs/linear_regression.yaml", "train.log_interval=2", "train.progress_bar=false", "checkpoint.interval_steps=2"]
+
+
+def _one_error_line(result, code: int) -> str:
+    from tests.procs import Result  # noqa: F401
+
+    assert result.returncode == code, result.output[-3000:]
+    assert "Traceback" not in result.output, result.output[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("dist-train: ") and "error" in line]
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def small_disk(tmp_path_factory):
+    """A 1 MiB tmpfs (root only, as in CI's container), unmounted afterwards."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path_factory.mktemp("small_disk")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_save_is_one_line_and_the_previous_checkpoint_stays(small_disk, tmp_path):
+    import shutil
+
+    from tests.procs import dist_train
+
+    out = small_disk / "run"
+    dist_train(["train", *SHORT, "train.max_steps=4", f"output_dir={out}"], timeout=240)
+    with open(small_disk / "filler", "wb", buffering=0) as filler:  # fill the disk, then leave room for small files only
+        try:
+            while True:
+                filler.write(b"\0" * 4096)
+        except OSError:
+            pass
+    with open(small_disk / "filler", "r+b") as filler:
+        filler.truncate(max(0, (small_disk / "filler").stat().st_size - 16 * 1024))
+    assert shutil.disk_usage(small_disk).free < 40 * 1024  # a checkpoint of this run is ~53 KB
+
+    full = dist_train(["train", *SHORT, "train.max_steps=8", "train.resume=auto", f"output_dir={out}"], timeout=240, check=False)
+    line = _one_error_line(full, 74)
+    assert "dist-train: storage error: no space left on the device" in line and "free space there" in line, line
+    # The newest complete checkpoint is untouched: it still exports.
+    step4 = out / "checkpoints" / "step-00000004"
+    assert (step4 / "COMPLETE").is_file()
+    dist_train(["export", str(step4), "--out", str(tmp_path / "model.pt")], timeout=120)
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory):
+    """A finished 4-step run with complete checkpoints at steps 2 and 4."""
+    from tests.procs import dist_train
+
+    out = tmp_path_factory.mktemp("checkpointed") / "run"
+    dist_train(["train", *SHORT, "train.max_steps=4", f"output_dir={out}"], timeout=240)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damaged, expected", [
+    ("trainer.json", "step-00000004/trainer.json is damaged or missing"),
+    ("__0_0.distcp", "step-00000004 is damaged: a tensor file (__0_0.distcp) cannot be read"),
+])  # fmt: skip
+def test_a_damaged_checkpoint_file_is_one_line_and_exit_2(checkpointed_run, tmp_path, damaged, expected):
+    import shutil
+
+    from tests.procs import dist_train
+
+    out = tmp_path / "run"
+    shutil.copytree(checkpointed_run, out)
+    (out / "checkpoints" / "step-00000004" / damaged).write_bytes(b"{bad")
+    result = dist_train(["train", *SHORT, "train.max_steps=6", "train.resume=auto", f"output_dir={out}"], timeout=240, check=False)
+    line = _one_error_line(result, 2)
+    assert expected in line and "train.resume=PATH" in line, line
+    assert (out / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
+
+
+@pytest.fixture(scope="module")
+def prepared_digits(tmp_path_factory):
+    from tests.procs import dist_train
+
+    data = tmp_path_factory.mktemp("digits")
+    dist_train(["data", "prepare", "--source", "digits", "--out", str(data), "--samples-per-shard", "400"], timeout=120)
+    return data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage, expected", [
+    ("missing", "shard train-000001.tar does not exist"),
+    ("header", "shard train-000000.tar is damaged"),
+])  # fmt: skip
+def test_a_missing_or_damaged_shard_is_one_line_and_exit_2(prepared_digits, tmp_path, damage, expected):
+    import shutil
+
+    from tests.procs import dist_train
+
+    data = tmp_path / "digits"
+    shutil.copytree(prepared_digits, data)
+    if damage == "missing":
+        (data / "train" / "train-000001.tar").unlink()
+    else:
+        with open(data / "train" / "train-000000.tar", "r+b") as shard:  # inside the first member's tar header
+            shard.seek(100)
+            shard.write(b"X" * 16)
+    args = ["train", "configs/mlp_digits.yaml", f"data.path={data}", "train.max_steps=3", "train.progress_bar=false", f"output_dir={tmp_path / 'out'}"]
+    line = _one_error_line(dist_train(args, timeout=240, check=False), 2)
+    assert expected in line and "prepare the data again" in line, line
+
+
+@pytest.mark.slow
+def test_an_output_dir_that_is_a_file_and_a_model_that_does_not_fit_are_one_line(tmp_path):
+    from tests.procs import dist_train
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    line = _one_error_line(dist_train(["train", *SHORT, f"output_dir={a_file}"], timeout=120, check=False), 2)
+    assert f"{a_file} is a file where a directory is needed" in line
+    misfit = ["model.name=torch.nn:Linear", "model.kwargs={in_features: 3, out_features: 1}", "model.task=regression", "model.input_shape=[1]"]
+    line = _one_error_line(dist_train(["train", *SHORT, *misfit, f"output_dir={tmp_path / 'out'}"], timeout=120, check=False), 2)
+    assert "model.name=torch.nn:Linear does not fit the data" in line and "mat1 and mat2 shapes cannot be multiplied" in line, line

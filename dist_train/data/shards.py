@@ -244,6 +244,11 @@ def iter_shard(url: str, shard_name: str, first_record: int = 0) -> Iterator[dic
     try:
         stream = gopen(url, "rb")
     except Exception as e:  # noqa: BLE001 - a missing file, a bad scheme: one error naming the shard
+        if isinstance(e, FileNotFoundError):
+            raise DataError(
+                f"shard {shard_name} does not exist ({url}): its manifest lists it; prepare the data again "
+                "(dist-train data prepare ... --overwrite) or point data.path / data.shard_urls at a complete copy"
+            ) from None
         raise DataError(f"shard {shard_name} cannot be opened ({url}): {type(e).__name__}: {_first_arg(e)}") from None
     finished = False
     try:
@@ -251,6 +256,11 @@ def iter_shard(url: str, shard_name: str, first_record: int = 0) -> Iterator[dic
         yield from tariterators.group_by_keys(files)
         finished = True
     except Exception as e:  # noqa: BLE001 - every failure of the tar stream becomes one error naming the shard
+        if isinstance(e, tarfile.TarError):  # a damaged header: tarfile says "bad checksum" or "truncated"
+            raise DataError(
+                f"shard {shard_name} is damaged ({url}): its tar structure cannot be read ({_first_arg(e)}); "
+                "`dist-train data inspect` verifies every shard's checksum; prepare the data again or restore the file"
+            ) from None
         raise DataError(f"shard {shard_name} cannot be read ({url}): {type(e).__name__}: {_first_arg(e)}") from None
     finally:
         try:

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, load_side_state, read_meta, save_side_state
 from ..config import BatchArithmetic, Config, ConfigError
+from ..pickle_scan import refuse_code_in_pickles
 from .base import StepResult, Strategy, autocast_dtype, check_precision_supported
 
 # DeepSpeed's files live in <step dir>/zero/ (its "tag"); one fixed tag so export and resume need no `latest` file.
@@ -266,6 +267,7 @@ class DeepSpeedStrategy(Strategy):
         save_side_state(directory, extra_state, self.dist_env)
 
     def load_checkpoint(self, directory: Path, extra_state: dict) -> None:
+        refuse_code_in_pickles(sorted((Path(directory) / CHECKPOINT_TAG).glob("*.pt")))  # DeepSpeed unpickles with weights_only=False
         saved = read_meta(directory)
         then_world, then_stage = saved.get("world_size"), saved.get("config", {}).get("strategy", {}).get("zero_stage")
         if then_stage != self.cfg.strategy.zero_stage:
@@ -337,6 +339,7 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tenso
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / CHECKPOINT_TAG).is_dir():
         raise CheckpointError(f"{checkpoint_dir} has no DeepSpeed files under {CHECKPOINT_TAG}/; not a strategy.name=deepspeed checkpoint")
+    refuse_code_in_pickles(sorted((checkpoint_dir / CHECKPOINT_TAG).glob("*.pt")))  # zero_to_fp32 unpickles with weights_only=False
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=CHECKPOINT_TAG)
     # Clone: the consolidated tensors are views into one flat buffer, which torch.save would write whole.
     # Buffers keep the dtype they were trained in (bf16 under train.precision=bf16); the tutorial's are fp32.
