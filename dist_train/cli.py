@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -86,6 +87,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         kind, message, code = classified
         print(f"dist-train: {kind}: {message}", file=sys.stderr)
         return code
+
+
+def console_main() -> None:
+    """`dist-train` and `python -m dist_train`: main(), then leave without the interpreter's finalization.
+
+    Everything dist_train owns is closed by then (trackers finished, checkpoints waited for, the process
+    group destroyed, the watchdog joined). Finalization would only destroy leftover native objects in
+    arbitrary order, and that is where the rare "terminate called without an active exception" abort
+    (SIGABRT) of finished torchrun workers happened: the aborting thread had no Python frame left."""
+    status = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -31,6 +31,8 @@ ALLOWED_GLOBALS: set[tuple[str, str]] = {
     ("torch._utils", "_rebuild_parameter"),
     ("torch._utils", "_rebuild_parameter_with_state"),
     ("torch.nn.parameter", "Parameter"),
+    ("torch._tensor", "_rebuild_from_type_v2"),  # ZeRO-3's partitioned parameters
+    ("torch", "Tensor"),
     ("torch.storage", "UntypedStorage"),
     ("torch.storage", "TypedStorage"),
     ("torch.serialization", "_get_layout"),

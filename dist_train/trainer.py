@@ -24,6 +24,7 @@ from .config import BatchArithmetic, Config, batch_arithmetic
 from .data import DataBundle, build_data
 from .determinism import use_deterministic_algorithms
 from .env import DistEnv
+from .errors import storage_error
 from .files import atomic_write
 from .guard import SkipCounter, StepWindow, TrainingDiverged, divergence_message, parameters_finite
 from .lineage import RunInfo
@@ -403,7 +404,14 @@ class Trainer:
         started = time.perf_counter()
         self._check_finite(window)
         self.strategy.sync_buffers()
-        self.checkpointer.save(self.progress.optimizer_step, self.stateful())
+        try:
+            self.checkpointer.save(self.progress.optimizer_step, self.stateful())
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            storage = storage_error(e)
+            if storage is None:
+                raise
+            # torch.save and DCP's writer threads lose the path: name the checkpoint directory instead.
+            raise OSError(storage.errno, storage.strerror or "No space left on device", storage.filename or str(self.checkpointer.directory)) from None
         self.save_seconds = time.perf_counter() - started
         self.watchdog.last_checkpoint_step = self.progress.optimizer_step
 
