@@ -74,6 +74,10 @@ def describe_storage_error(error: OSError, hint_path: Optional[str] = None) -> s
     return f"{what}{where}: {todo}, then resume with train.resume=auto; complete checkpoints already written are intact"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message says which file and what differs."""
+
+
 def user_facing_message(error: BaseException) -> Optional[str]:
     """The one line to print for `error`, or None when it is unexpected (then the traceback is wanted)."""
     classified = classify(error)
@@ -82,7 +86,6 @@ def user_facing_message(error: BaseException) -> Optional[str]:
 
 def classify(error: BaseException) -> Optional[tuple[str, str, int]]:
     """(kind, one line, exit code) for an error the user can act on; None for an unexpected one."""
-    from .checkpoint import CheckpointError
     from .config import ConfigError
     from .env import LaunchError
 

@@ -9,6 +9,7 @@ uninterrupted one, which is also the straggler run (rank 1 sleeps longer; the ar
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import sys
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.procs import assert_same_parameters, final_model
+from tests.procs import assert_same_parameters, dist_train, final_model, run
 from tests.test_launch import _wait, _wait_until, start  # noqa: F401 (start is a fixture)
 from tests.workers.paced_model import TOTAL_STEPS
 from tests.workers.paced_model import TRAIN_ARGS as PACED
@@ -37,8 +38,6 @@ def _workers(agent: psutil.Process) -> dict[str, psutil.Process]:
 @pytest.fixture(scope="module")
 def straggler_run(tmp_path_factory):
     """The uninterrupted reference: 2 processes, rank 1 slow, TensorBoard on."""
-    from tests.procs import run
-
     out = tmp_path_factory.mktemp("straggler")
     result = run([*LAUNCH, *STRAGGLER, "tracking.tensorboard.enabled=true", f"output_dir={out}"], timeout=300)
     return out, result.output
@@ -169,8 +168,6 @@ SHORT = ["configs/linear_regression.yaml", "train.log_interval=2", "train.progre
 
 
 def _one_error_line(result, code: int) -> str:
-    from tests.procs import Result  # noqa: F401
-
     assert result.returncode == code, result.output[-3000:]
     assert "Traceback" not in result.output, result.output[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("dist-train: ") and "error" in line]
@@ -182,7 +179,6 @@ def _one_error_line(result, code: int) -> str:
 def small_disk(tmp_path_factory):
     """A 1 MiB tmpfs (root only, as in CI's container), unmounted afterwards."""
     import os
-    import shutil
     import subprocess
 
     if os.geteuid() != 0 or shutil.which("mount") is None:
@@ -197,10 +193,6 @@ def small_disk(tmp_path_factory):
 
 @pytest.mark.slow
 def test_disk_full_during_a_save_is_one_line_and_the_previous_checkpoint_stays(small_disk, tmp_path):
-    import shutil
-
-    from tests.procs import dist_train
-
     out = small_disk / "run"
     dist_train(["train", *SHORT, "train.max_steps=4", f"output_dir={out}"], timeout=240)
     with open(small_disk / "filler", "wb", buffering=0) as filler:  # fill the disk, then leave room for small files only
@@ -225,8 +217,6 @@ def test_disk_full_during_a_save_is_one_line_and_the_previous_checkpoint_stays(s
 @pytest.fixture(scope="module")
 def checkpointed_run(tmp_path_factory):
     """A finished 4-step run with complete checkpoints at steps 2 and 4."""
-    from tests.procs import dist_train
-
     out = tmp_path_factory.mktemp("checkpointed") / "run"
     dist_train(["train", *SHORT, "train.max_steps=4", f"output_dir={out}"], timeout=240)
     return out
@@ -238,10 +228,6 @@ def checkpointed_run(tmp_path_factory):
     ("__0_0.distcp", "step-00000004 is damaged: a tensor file (__0_0.distcp) cannot be read"),
 ])  # fmt: skip
 def test_a_damaged_checkpoint_file_is_one_line_and_exit_2(checkpointed_run, tmp_path, damaged, expected):
-    import shutil
-
-    from tests.procs import dist_train
-
     out = tmp_path / "run"
     shutil.copytree(checkpointed_run, out)
     (out / "checkpoints" / "step-00000004" / damaged).write_bytes(b"{bad")
@@ -253,8 +239,6 @@ def test_a_damaged_checkpoint_file_is_one_line_and_exit_2(checkpointed_run, tmp_
 
 @pytest.fixture(scope="module")
 def prepared_digits(tmp_path_factory):
-    from tests.procs import dist_train
-
     data = tmp_path_factory.mktemp("digits")
     dist_train(["data", "prepare", "--source", "digits", "--out", str(data), "--samples-per-shard", "400"], timeout=120)
     return data
@@ -266,10 +250,6 @@ def prepared_digits(tmp_path_factory):
     ("header", "shard train-000000.tar is damaged"),
 ])  # fmt: skip
 def test_a_missing_or_damaged_shard_is_one_line_and_exit_2(prepared_digits, tmp_path, damage, expected):
-    import shutil
-
-    from tests.procs import dist_train
-
     data = tmp_path / "digits"
     shutil.copytree(prepared_digits, data)
     if damage == "missing":
@@ -285,8 +265,6 @@ def test_a_missing_or_damaged_shard_is_one_line_and_exit_2(prepared_digits, tmp_
 
 @pytest.mark.slow
 def test_an_output_dir_that_is_a_file_and_a_model_that_does_not_fit_are_one_line(tmp_path):
-    from tests.procs import dist_train
-
     a_file = tmp_path / "a_file"
     a_file.write_text("not a directory")
     line = _one_error_line(dist_train(["train", *SHORT, f"output_dir={a_file}"], timeout=120, check=False), 2)

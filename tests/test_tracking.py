@@ -28,7 +28,9 @@ from tests import procs
 
 # Shaped like a real key (40+ word characters) so W&B would accept it; never valid anywhere.
 FAKE_API_KEY = "dtfake_" + "k3y" * 14
-TRAIN_KEYS = {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_second", "train/data_wait_fraction", "train/epoch"}
+TRAIN_KEYS = {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_second", "train/data_wait_fraction", "train/epoch",
+              # several processes: the slowest rank and its skew (stragglers)
+              "train/slowest_rank", "train/rank_skew", "train/slowest_rank_ms_per_step", "train/max_data_wait_ms_per_step"}
 EVAL_KEYS = {"eval/loss", "eval/accuracy", "eval/samples"}
 TRACKED = [
     "configs/cnn_digits.yaml",
