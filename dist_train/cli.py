@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -97,6 +98,7 @@ def console_main() -> None:
     arbitrary order, and that is where the rare "terminate called without an active exception" abort
     (SIGABRT) of finished torchrun workers happened: the aborting thread had no Python frame left."""
     status = main()
+    logging.shutdown()  # flush and close every log file handler: os._exit skips it
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

@@ -78,6 +78,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message says which file and what differs."""
 
 
+def _file_in_the_way(path: str) -> Optional[str]:
+    """`path` or the parent of it that is a file where a directory was to be made; None if there is none."""
+    from pathlib import Path
+
+    return next((str(p) for p in (Path(path), *Path(path).parents) if p.exists() and not p.is_dir()), None)
+
+
 def user_facing_message(error: BaseException) -> Optional[str]:
     """The one line to print for `error`, or None when it is unexpected (then the traceback is wanted)."""
     classified = classify(error)
@@ -93,8 +100,9 @@ def classify(error: BaseException) -> Optional[tuple[str, str, int]]:
         return "config error", str(error), EXIT_CONFIG_ERROR
     if isinstance(error, LaunchError):  # like a config error, the launch command or its environment must change
         return "launch error", str(error), EXIT_CONFIG_ERROR
-    if isinstance(error, (FileExistsError, NotADirectoryError)) and error.filename:
-        return "config error", f"{error.filename} is a file where a directory is needed: set output_dir (or the key naming it) to a directory", EXIT_CONFIG_ERROR
+    in_the_way = _file_in_the_way(str(error.filename)) if isinstance(error, (FileExistsError, NotADirectoryError)) and error.filename else None
+    if in_the_way is not None:
+        return "config error", f"{in_the_way} is a file where a directory is needed: set output_dir (or the key naming it) to a directory", EXIT_CONFIG_ERROR
     storage = storage_error(error)
     if storage is not None:
         return "storage error", describe_storage_error(storage), EXIT_STORAGE_ERROR
