@@ -1,0 +1,52 @@
+"""Ranks agree, step by step, that their data is fit to train on, without waiting on each other to do so.
+
+A bad sample (a label outside the classes, a NaN input) lands in one rank's micro-batch. If that rank
+simply raised, the others would wait in the next gradient all-reduce until the collective timeout (or die
+on a closed connection). So each rank's loader all-reduces, on its own gloo group, a two-number verdict
+per step: (any problem, samples skipped). The reduction for step k is started when step k is assembled
+and waited for only when step k is handed out, one step later: by then it has long completed, so the
+happy path costs one tiny CPU all-reduce per step in gloo's background thread and no host sync with the
+accelerator. When any rank reports a problem, every rank gathers the messages (rare, blocking) and raises
+the same one-line error at the same step.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .shards import DataError
+
+
+class StepAgreement:
+    """Started in step order on every rank (the same number of times: every rank runs the same steps)."""
+
+    def __init__(self, group: Optional[object]) -> None:
+        self.group = group  # None: a single process (or ranks without a process group): local verdicts
+
+    @classmethod
+    def for_ranks(cls, world_size: int) -> "StepAgreement":
+        if world_size > 1 and dist.is_available() and dist.is_initialized():
+            return cls(dist.new_group(backend="gloo"))
+        return cls(None)
+
+    def start(self, problem: Optional[str], skipped: int) -> tuple:
+        verdict = torch.tensor([int(problem is not None), skipped], dtype=torch.int64)
+        work = dist.all_reduce(verdict, group=self.group, async_op=True) if self.group is not None else None
+        return verdict, work, problem
+
+    def finish(self, pending: tuple) -> int:
+        """Samples skipped at this step over all ranks; raises the first rank's problem on every rank."""
+        verdict, work, problem = pending
+        if work is not None:
+            work.wait()
+        if int(verdict[0]) == 0:
+            return int(verdict[1])
+        if self.group is None:
+            raise DataError(problem)
+        problems: list = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(problems, problem, group=self.group)
+        rank, first = next((r, p) for r, p in enumerate(problems) if p is not None)
+        raise DataError(f"rank {rank}: {first}")
