@@ -222,6 +222,7 @@ class Trainer:
             "epochs_completed": self.progress.epoch,
             "samples_seen": self.progress.samples_seen,
             "skipped_steps": self.progress.skipped_steps,
+            "skipped_samples": self.data.train.skipped_samples,  # bad samples skipped under data.skip_bad_samples, all ranks
             "train_seconds": elapsed,
             "samples_per_second": (self.progress.samples_seen - start_samples) / max(elapsed, 1e-9),
             "world_size": self.dist_env.world_size,
@@ -288,6 +289,7 @@ class Trainer:
             "train/grad_norm": float("nan") if window.grad_norm is None else float(window.grad_norm),
             "train/samples_per_second": window.steps * self.arithmetic.global_batch_size / max(elapsed, 1e-9),
             "train/data_wait_fraction": window.data_wait / max(window.data_wait + window.compute, 1e-9),
+            "train/skipped_samples": self.data.train.skipped_samples,
             # Fractional progress through the data (1.0 = one full epoch), continuous across epoch ends.
             "train/epoch": self.progress.optimizer_step / self.data.train.steps_per_epoch,
         }

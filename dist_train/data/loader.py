@@ -91,6 +91,8 @@ def _identity(batch: Batch) -> Batch:
 class MapStyleTrainLoader:
     """Yields, per optimizer step, the list of this rank's micro-batches; resumable at step granularity."""
 
+    skipped_samples = 0  # in-memory samples are checked when the source loads; only shards can hold bad ones
+
     def __init__(
         self,
         dataset: InMemoryDataset,
@@ -141,6 +143,7 @@ class MapStyleTrainLoader:
             collate_fn=_identity,
             num_workers=self.num_workers,
             persistent_workers=False,
+            pin_memory=self.dist_env.device.startswith("cuda"),  # lets the trainer's non_blocking copies overlap
         )
         accum = self.arithmetic.grad_accum_steps
         step_batches: list[Batch] = []

@@ -173,7 +173,7 @@ class SharedShards:
         rows = entry.count - skipped
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp.mkdir()  # never parents=True: a worker still running after its pass ended must not recreate the folder
         try:
             return self._fill(tmp, final, entry, url, counts, first_record, shard_start + skipped, rows)
         except BaseException:
@@ -209,8 +209,7 @@ class SharedShards:
                         reasons[row + i] = f"shard {entry.name} record {raw['__key__']}: {why}"
                 keys += record_keys
                 row += count
-            if stream.sha256 is not None:
-                stream.drain()
+            stream.drain()  # the tar reader stops at the end-of-archive block: read the padding too, and hash it
             finished = True
         finally:
             self.bytes_read += stream.bytes_read

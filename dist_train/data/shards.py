@@ -409,15 +409,29 @@ def prepare_command(args: argparse.Namespace) -> int:
         "samples_per_shard": args.samples_per_shard,
         "samples_per_record": samples_per_record,
         "image_size": args.image_size,
+        "shuffle_seed": None if args.no_shuffle else args.shuffle_seed,
     }
     if not args.overwrite and _prepared(out, options):
         print(f"{out}: already prepared with these options (pass --overwrite to write again)")
         return 0
     data = _load_for_prepare(args)
-    for split_name, split in (("train", data.train), ("test", data.test)):
-        manifest = write_split(split, out / split_name, split_name, data.kind, data.num_classes, args.samples_per_shard, samples_per_record, options)
-        print(manifest.describe())
+    write_prepared(data, out, args.samples_per_shard, samples_per_record, options)
     return 0
+
+
+def write_prepared(data: SourceData, out: Path, samples_per_shard: int, samples_per_record: int, options: dict) -> None:
+    """Both splits, each shuffled with options["shuffle_seed"] (None: the source's order) before it is cut into shards."""
+    for split_name, split in (("train", data.train), ("test", data.test)):
+        if options.get("shuffle_seed") is not None:
+            split = shuffled(split, options["shuffle_seed"])
+        manifest = write_split(split, out / split_name, split_name, data.kind, data.num_classes, samples_per_shard, samples_per_record, options)
+        print(manifest.describe())
+
+
+def shuffled(split: Split, seed: int) -> Split:
+    """Sources such as image folders come sorted by class; a stream window over sorted shards would see few classes."""
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    return Split(split.inputs[order], split.targets[order], [split.keys[i] for i in order.tolist()])
 
 
 def inspect_command(args: argparse.Namespace) -> int:

@@ -406,7 +406,12 @@ class StreamingTrainLoader(MapStyleTrainLoader):
         try:
             yield from self._agreed_steps(items, start_step)
         finally:
-            del items  # shuts the workers down before the pass folder may go
+            # Workers stop before the pass folder may go. An error in flight still references the iterator,
+            # so dropping our name for it would not be enough.
+            shutdown = getattr(items, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            del items
             leave_pass(plan.directory, len(plan.node_ranks))
 
     def _agreed_steps(self, items: Iterator, start_step: int) -> Iterator[list]:
