@@ -53,10 +53,10 @@ class DataConfig:
     num_workers: int = _f(0, "DataLoader worker processes per rank")
     shuffle: bool = _f(True, "shuffle the training order every epoch (deterministic in train.seed and the epoch)")
     shuffle_window: int = _f(1024, "source=shards: the epoch's stream (shards in a seeded order) is shuffled inside consecutive blocks of this many samples; `data prepare` shuffles across the whole split")
-    skip_bad_samples: bool = _f(False, "source=shards: skip (and count) samples that fail to decode instead of stopping")
+    skip_bad_samples: bool = _f(False, "source=shards: skip (and count) bad samples (undecodable, wrong shape or dtype, label outside the classes, NaN/inf) instead of stopping every rank")
     cache_dir: Optional[str] = _f(None, "source=shards: node-local folder where remote shards (http(s)://, pipe:) are downloaded once per node, verified against the manifest's sha256, and shared by the node's ranks and workers")
     cache_max_bytes: int = _f(50 * 2**30, "source=shards: data.cache_dir's size limit; the least recently used shards are evicted beyond it")
-    shard_urls: Optional[str] = _f(None, "source=shards: read shards from here instead of data.path/{split}/ (manifests stay in data.path): a brace pattern or pipe: command, {split} = train|test, e.g. 'pipe:cat /mnt/d/{split}/{split}-{000000..000005}.tar'")
+    shard_urls: Optional[str] = _f(None, "source=shards: read shards from here instead of data.path/{split}/ (manifests stay in data.path): a brace pattern of paths, http(s):// URLs or a pipe: command, {split} = train|test, e.g. 'https://host/d/{split}/{split}-{000000..000005}.tar'")
 
 
 @dataclass

@@ -73,12 +73,13 @@ def rewrite_record_inputs(shard: Path, member: str, array: np.ndarray) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-def bundle(root: Path, world_size: int = 1, rank: int = 0, *overrides: str):
+def bundle(root: Path, world_size: int = 1, rank: int = 0, *overrides: str, device: str = "cpu"):
     cfg = load_config(None, [
         "model.name=mlp", "data.source=shards", f"data.path={root}", "train.seed=3", "train.global_batch_size=20",
         "train.micro_batch_size=5", "data.shuffle_window=16", *overrides,
     ])
-    return build_streaming(cfg, model_spec(cfg.model), batch_arithmetic(cfg.train, world_size), DistEnv(global_rank=rank, world_size=world_size))
+    dist_env = DistEnv(global_rank=rank, world_size=world_size, device=device)
+    return build_streaming(cfg, model_spec(cfg.model), batch_arithmetic(cfg.train, world_size), dist_env)
 
 
 def manifest_totals(root: Path) -> tuple[int, int]:
@@ -99,6 +100,13 @@ def test_one_rank_decodes_and_reads_each_record_once_per_epoch(tmp_path, num_wor
     records, size = manifest_totals(root)
     assert (train.decoded_records, train.bytes_read) == (2 * records, 2 * size)
     assert not list(Path("/dev/shm").glob(f"dist_train-{train.job_token}-*")), "the pass folders must be gone"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda:0", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_batches_are_pinned_for_cuda_only(tmp_path, device):
+    root = write_set(tmp_path / "shards", image_splits())
+    inputs, targets = next(iter(bundle(root, 1, 0, "data.num_workers=1", device=device).train))[0]
+    assert inputs.is_pinned() == targets.is_pinned() == device.startswith("cuda")
 
 
 @pytest.fixture(scope="module")

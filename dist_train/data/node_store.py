@@ -82,21 +82,21 @@ class PassPlan:
     def shard_of(self, positions: np.ndarray) -> np.ndarray:
         return np.searchsorted(np.asarray(self.starts), positions, side="right") - 1
 
-    def shards_touched(self, start: int) -> range:
-        """Stream shards overlapping the windows that micro-batch positions [start, start + micro) draw from."""
-        size, micro = self.window, self.arithmetic.micro_batch_size
-        lo = (start // size) * size
-        hi = min(((start + micro - 1) // size + 1) * size, self.num_samples)
-        first, last = self.shard_of(np.array([lo, hi - 1]))
-        return range(int(first), int(last) + 1)
-
     def consumer_uses(self, rank: int, worker: int) -> dict[int, int]:
-        """Shard -> index (among the rank's micro-batches) of the last micro-batch this consumer builds from it."""
+        """Shard -> index (among the rank's micro-batches) of the last micro-batch this consumer builds from it.
+
+        A micro-batch at positions [start, start + micro) draws from the windows overlapping them, and so
+        may touch any shard overlapping those windows' stream ranges: all of them count as used.
+        """
+        size, micro = self.window, self.arithmetic.micro_batch_size
+        starts = np.asarray(self.micro_batch_starts(rank), dtype=np.int64)
+        indices = np.flatnonzero(np.arange(len(starts)) % self.workers_per_rank == worker)
+        lo = (starts[indices] // size) * size
+        hi = np.minimum(((starts[indices] + micro - 1) // size + 1) * size, self.num_samples)
         last: dict[int, int] = {}
-        for index, start in enumerate(self.micro_batch_starts(rank)):
-            if index % self.workers_per_rank == worker:
-                for shard in self.shards_touched(start):
-                    last[shard] = index
+        for index, first_shard, last_shard in zip(indices.tolist(), self.shard_of(lo).tolist(), self.shard_of(hi - 1).tolist()):
+            for shard in range(first_shard, last_shard + 1):
+                last[shard] = index
         return last
 
     def consumers_per_shard(self) -> dict[int, int]:

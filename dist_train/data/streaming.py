@@ -291,7 +291,7 @@ class RankEpochStream(IterableDataset):
             if index % plan.workers_per_rank != worker:
                 continue
             positions = self._stream_positions(start, micro, permutations)
-            inputs, targets, keys, reports = self._gather(store, positions)
+            inputs, targets, keys, reports = self._gather(store, positions, self.with_keys)
             for shard in [s for s, last in uses.items() if last == index]:
                 del uses[shard]
                 store.release(shard)
@@ -302,7 +302,7 @@ class RankEpochStream(IterableDataset):
             counters = (store.decoded_records - reported[0], store.bytes_read - reported[1])
             reported = (store.decoded_records, store.bytes_read)
             # Sample keys cross the worker pipe pickled, string by string: only when someone asked for them.
-            yield index, inputs_t, targets_t, keys if self.with_keys else None, reports, counters
+            yield index, inputs_t, targets_t, keys, reports, counters
 
     def _stream_positions(self, start: int, count: int, permutations: dict[int, np.ndarray]) -> np.ndarray:
         """Global order positions [start, start + count) -> stream positions (the window shuffle)."""
@@ -318,7 +318,7 @@ class RankEpochStream(IterableDataset):
             parts.append(j * size + permutations[j][lo:hi])
         return np.concatenate(parts)
 
-    def _gather(self, store: SharedShards, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[str], list[tuple[str, str]]]:
+    def _gather(self, store: SharedShards, positions: np.ndarray, with_keys: bool) -> tuple[np.ndarray, np.ndarray, Optional[list[str]], list[tuple[str, str]]]:
         """Rows at these stream positions, in order, without the bad ones; (key, why) per bad sample."""
         shards = self.plan.shard_of(positions)
         keep = np.ones(len(positions), bool)
@@ -334,16 +334,17 @@ class RankEpochStream(IterableDataset):
             if targets is None:
                 targets = np.empty((len(positions), *decoded.targets.shape[1:]), decoded.targets.dtype)
             targets[where] = decoded.targets[rows]
-            for i, row in zip(where.tolist(), rows.tolist()):
-                keys[i] = decoded.keys[row]
+            if with_keys:
+                for i, row in zip(where.tolist(), rows.tolist()):
+                    keys[i] = decoded.keys[row]
             for i, row in zip(where[decoded.bad[rows]].tolist(), rows[decoded.bad[rows]].tolist()):
                 keep[i] = False
                 reports.append((decoded.keys[row], decoded.reasons.get(row, "bad sample")))
         assert targets is not None
-        if reports:
-            kept = np.flatnonzero(keep)
-            return inputs[kept], targets[kept], [keys[i] for i in kept.tolist()], reports
-        return inputs, targets, keys, reports
+        kept = np.flatnonzero(keep) if reports else None
+        if kept is not None:
+            inputs, targets, keys = inputs[kept], targets[kept], [keys[i] for i in kept.tolist()]
+        return inputs, targets, keys if with_keys else None, reports
 
 
 class StreamingTrainLoader(MapStyleTrainLoader):
@@ -373,9 +374,10 @@ class StreamingTrainLoader(MapStyleTrainLoader):
     def node_ranks(self) -> tuple[int, ...]:
         """Ranks sharing this node's decoded shards: launchers number a node's ranks contiguously."""
         env = self.dist_env
-        first = env.node_rank * env.local_world_size
-        ranks = tuple(range(first, min(first + env.local_world_size, env.world_size)))
-        return ranks if env.global_rank in ranks else (env.global_rank,)
+        first = env.global_rank - env.local_rank
+        if first != env.node_rank * env.local_world_size or first + env.local_world_size > env.world_size:
+            return (env.global_rank,)  # numbered otherwise (srun --distribution=cyclic): this rank keeps its own store
+        return tuple(range(first, first + env.local_world_size))
 
     def pass_plan(self, start_step: int) -> PassPlan:
         self.passes += 1
