@@ -26,6 +26,10 @@ class StepAgreement:
     def __init__(self, group: Optional[object]) -> None:
         self.group = group  # None: a single process (or ranks without a process group): local verdicts
 
+    @property
+    def collective(self) -> bool:
+        return self.group is not None
+
     @classmethod
     def for_ranks(cls, world_size: int) -> "StepAgreement":
         if world_size > 1 and dist.is_available() and dist.is_initialized():
