@@ -156,6 +156,7 @@ def test_skipped_bad_samples_keep_steps_equal_and_are_counted(two_rank_reads, na
     assert [run["steps"] for run in runs] == [N_TRAIN // 20] * 2 and not any("error" in run for run in runs)
     assert [run["skipped"] for run in runs] == [bad, bad]  # all-reduced: every rank knows the job's count
     assert sum(run["samples"] for run in runs) == N_TRAIN - bad
+    assert runs[0]["kept"] == runs[1]["kept"] and sum(runs[0]["kept"]) == N_TRAIN - bad  # the loss denominator, agreed
 
 
 # ---------------------------------------------------------------- shuffling

@@ -113,6 +113,7 @@ class MapStyleTrainLoader:
         self.num_workers = num_workers
         self.epoch = 0
         self.samples_consumed = 0
+        self.step_samples_kept = plan.global_batch_size  # of the last step handed out, over all ranks (the streaming loader may skip bad samples)
 
     @property
     def steps_per_epoch(self) -> int:

@@ -353,7 +353,9 @@ class StreamingTrainLoader(MapStyleTrainLoader):
     Counters: `decoded_records` and `bytes_read` (this rank's DataLoader workers, since construction) show
     that each record is read once per node per epoch; `skipped_samples` counts bad samples skipped over
     all ranks (all-reduced with the step verdict; this rank's own count when there is no process group).
-    A micro-batch that lost bad samples arrives shorter than `train.micro_batch_size`.
+    A micro-batch that lost bad samples arrives shorter than `train.micro_batch_size` (empty, if it lost
+    all); `step_samples_kept` is, for the step just handed out, the samples of the global batch kept over
+    all ranks: the denominator of a loss that is the mean over the samples actually used.
     """
 
     def __init__(self, source: ShardSource, order: StreamOrder, arithmetic: BatchArithmetic, dist_env: DistEnv, num_workers: int, input_shape: tuple[int, ...], skip_bad: bool, scratch: Path, job_token: str) -> None:
@@ -454,7 +456,9 @@ class StreamingTrainLoader(MapStyleTrainLoader):
 
     def _hand_out(self, step: list, started: tuple) -> list:
         assert self.agreement is not None
-        self.skipped_samples += self.agreement.finish(started)
+        skipped = self.agreement.finish(started)
+        self.skipped_samples += skipped
+        self.step_samples_kept = self.plan.global_batch_size - skipped
         # Count the step before handing it out: a checkpoint taken after this step resumes after it.
         self.samples_consumed += self.plan.global_batch_size
         return step

@@ -33,11 +33,12 @@ def one_epoch(root: Path, name: str, dist_env, skip: bool) -> dict:
         "train.micro_batch_size=5", "data.shuffle_window=16", "data.num_workers=2", f"data.skip_bad_samples={str(skip).lower()}",
     ])
     data = build_streaming(cfg, model_spec(cfg.model), batch_arithmetic(cfg.train, dist_env.world_size), dist_env)
-    result: dict = {"steps": 0, "samples": 0}
+    result: dict = {"steps": 0, "samples": 0, "kept": []}
     last_step_at = time.monotonic()
     try:
         for step in data.train:
             result["samples"] += sum(len(targets) for _, targets in step)
+            result["kept"].append(data.train.step_samples_kept)
             dist.all_reduce(torch.ones(1))  # what DDP's backward does every step: a rank that left would hang it
             result["steps"] += 1
             last_step_at = time.monotonic()
