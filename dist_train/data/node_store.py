@@ -55,6 +55,7 @@ class PassPlan:
     node_ranks: tuple[int, ...]  # global ranks that share `directory`
     workers_per_rank: int  # consumers per rank: DataLoader workers, or the rank itself
     directory: Path
+    bundle: int  # consecutive micro-batches a worker builds and sends together
     starts: tuple[int, ...] = field(init=False)  # stream position of each shard (stream order), then the total
 
     def __post_init__(self) -> None:
@@ -79,6 +80,10 @@ class PassPlan:
             for m in range(a.grad_accum_steps)
         ]
 
+    def worker_of(self, index: int) -> int:
+        """The consumer (DataLoader worker) of a rank that builds its micro-batch `index`."""
+        return (index // self.bundle) % self.workers_per_rank
+
     def shard_of(self, positions: np.ndarray) -> np.ndarray:
         return np.searchsorted(np.asarray(self.starts), positions, side="right") - 1
 
@@ -90,7 +95,7 @@ class PassPlan:
         """
         size, micro = self.window, self.arithmetic.micro_batch_size
         starts = np.asarray(self.micro_batch_starts(rank), dtype=np.int64)
-        indices = np.flatnonzero(np.arange(len(starts)) % self.workers_per_rank == worker)
+        indices = np.flatnonzero((np.arange(len(starts)) // self.bundle) % self.workers_per_rank == worker)
         lo = (starts[indices] // size) * size
         hi = np.minimum(((starts[indices] + micro - 1) // size + 1) * size, self.num_samples)
         last: dict[int, int] = {}

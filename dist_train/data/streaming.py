@@ -19,6 +19,7 @@ worker count. Each step's data is checked on every rank before it is handed out 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import uuid
 from dataclasses import dataclass, replace
@@ -42,6 +43,11 @@ from .sources import SourceData, Split, check_compatible
 from .transforms import adapt_images
 
 log = logging.getLogger(__name__)
+
+# A DataLoader worker sends up to this many bytes of micro-batches per item (at most MAX_BUNDLE of them):
+# each tensor crossing the worker pipe costs about a millisecond of shared-memory setup, whatever its size.
+BUNDLE_BYTES = 4 << 20
+MAX_BUNDLE = 16
 
 
 # ---------------------------------------------------------------- where the shards are
@@ -257,10 +263,13 @@ def _to_tensors(inputs: np.ndarray, targets: np.ndarray, input_shape: tuple[int,
 
 
 class RankEpochStream(IterableDataset):
-    """This rank's micro-batches of one pass; DataLoader worker w makes those with index i % W == w.
+    """This rank's micro-batches of one pass, sent in bundles of `plan.bundle` consecutive micro-batches;
+    DataLoader worker w makes bundles w, w + W, ... (so the DataLoader's round-robin keeps them in order).
 
     Samples come from the node's shared decoded shards (node_store.py); a worker copies out only the rows
-    of its own micro-batches and tells the store when it is done with a shard.
+    of its own micro-batches and tells the store when it is done with a shard. A bundle crosses the worker
+    pipe as one tensor per field: a tensor sent from a worker costs about a millisecond of shared-memory
+    setup, whatever its size, which bundling pays once per few megabytes instead of once per micro-batch.
     """
 
     def __init__(self, plan: PassPlan, consumers: dict[int, int], order: StreamOrder, epoch: int, rank: int, input_shape: tuple[int, ...], skip_bad: bool, with_keys: bool = True) -> None:
@@ -272,23 +281,43 @@ class RankEpochStream(IterableDataset):
         worker = info.id if info is not None else 0
         store = SharedShards(self.plan, self.consumers)
         uses = self.plan.consumer_uses(self.rank, worker)
+        bundle: list[tuple] = []
+        last = len(self.plan.micro_batch_starts(self.rank)) - 1
         try:
-            yield from self._micro_batches(store, worker, uses)
+            for index, micro_batch in self._micro_batches(store, worker, uses):
+                bundle.append(micro_batch)
+                if (index + 1) % self.plan.bundle == 0 or index == last:
+                    yield self._bundled(bundle, store)
+                    bundle = []
         except DataError as e:
             # Handed over as a value: an exception raised in a worker reaches the user wrapped in a traceback.
-            yield "error", str(e), (store.decoded_records, store.bytes_read)
+            # The good micro-batches before the bad one go with it (one item: the round-robin stays in step),
+            # so the error comes at its own step.
+            yield "error", str(e), self._counters(store), self._bundled(bundle, store) if bundle else None
         finally:
             for shard in sorted(uses):
                 store.release(shard)  # shards this consumer will no longer need (all of them, if it stopped early)
             store.close()
 
-    def _micro_batches(self, store: SharedShards, worker: int, uses: dict[int, int]) -> Iterator[tuple]:
+    def _counters(self, store: SharedShards) -> tuple[int, int]:
+        """Records decoded and bytes read by this worker since the last report."""
+        reported = getattr(self, "_reported", (0, 0))
+        self._reported = (store.decoded_records, store.bytes_read)
+        return store.decoded_records - reported[0], store.bytes_read - reported[1]
+
+    def _bundled(self, bundle: list[tuple], store: SharedShards) -> tuple:
+        images = self.plan.manifest.kind == "image"
+        first = bundle[0][0]
+        inputs, targets = _to_tensors(np.concatenate([b[1] for b in bundle]), np.concatenate([b[2] for b in bundle]), self.input_shape, images)
+        sizes = [len(b[2]) for b in bundle]
+        keys = [b[3] for b in bundle] if self.with_keys else None
+        return first, inputs, targets, sizes, keys, [b[4] for b in bundle], self._counters(store)
+
+    def _micro_batches(self, store: SharedShards, worker: int, uses: dict[int, int]) -> Iterator[tuple[int, tuple]]:
         plan, micro = self.plan, self.plan.arithmetic.micro_batch_size
-        images = plan.manifest.kind == "image"
         permutations: dict[int, np.ndarray] = {}
-        reported = (0, 0)
         for index, start in enumerate(plan.micro_batch_starts(self.rank)):
-            if index % plan.workers_per_rank != worker:
+            if plan.worker_of(index) != worker:
                 continue
             positions = self._stream_positions(start, micro, permutations)
             inputs, targets, keys, reports = self._gather(store, positions, self.with_keys)
@@ -298,11 +327,7 @@ class RankEpochStream(IterableDataset):
             if reports and not self.skip_bad:
                 key, why = reports[0]
                 raise DataError(f"{why} (sample {key}); set data.skip_bad_samples=true to skip bad samples instead")
-            inputs_t, targets_t = _to_tensors(inputs, targets, self.input_shape, images)
-            counters = (store.decoded_records - reported[0], store.bytes_read - reported[1])
-            reported = (store.decoded_records, store.bytes_read)
-            # Sample keys cross the worker pipe pickled, string by string: only when someone asked for them.
-            yield index, inputs_t, targets_t, keys, reports, counters
+            yield index, (index, inputs, targets, keys, reports)
 
     def _stream_positions(self, start: int, count: int, permutations: dict[int, np.ndarray]) -> np.ndarray:
         """Global order positions [start, start + count) -> stream positions (the window shuffle)."""
@@ -381,6 +406,13 @@ class StreamingTrainLoader(MapStyleTrainLoader):
             return (env.global_rank,)  # numbered otherwise (srun --distribution=cyclic): this rank keeps its own store
         return tuple(range(first, first + env.local_world_size))
 
+    def bundle_size(self) -> int:
+        """Micro-batches per worker item: up to BUNDLE_BYTES of model inputs (without workers, nothing to save)."""
+        if self.num_workers == 0:
+            return 1
+        micro_batch_bytes = 4 * self.arithmetic.micro_batch_size * int(np.prod(self.input_shape))
+        return max(1, min(MAX_BUNDLE, BUNDLE_BYTES // micro_batch_bytes))
+
     def pass_plan(self, start_step: int) -> PassPlan:
         self.passes += 1
         node_ranks = self.node_ranks()
@@ -388,7 +420,7 @@ class StreamingTrainLoader(MapStyleTrainLoader):
         return PassPlan(
             self.source.manifest, self.source.urls, self.source.cache, tuple(int(i) for i in self.order.shard_order(self.epoch)),
             self.order.window, start_step, self.steps_per_epoch,
-            self.arithmetic, node_ranks, max(self.num_workers, 1), self.scratch / name,
+            self.arithmetic, node_ranks, max(self.num_workers, 1), self.scratch / name, self.bundle_size(),
         )
 
     def iter_steps(self, with_keys: bool = True) -> Iterator[list[tuple[torch.Tensor, torch.Tensor, Optional[list[str]]]]]:
@@ -411,7 +443,7 @@ class StreamingTrainLoader(MapStyleTrainLoader):
         )
         items = iter(loader)
         try:
-            yield from self._agreed_steps(items, start_step)
+            yield from self._agreed_steps(self._unbundled(items), start_step)
         finally:
             # Workers stop before the pass folder may go. An error in flight still references the iterator,
             # so dropping our name for it would not be enough.
@@ -433,17 +465,15 @@ class StreamingTrainLoader(MapStyleTrainLoader):
                 item = next(items)
                 if item[0] == "error":
                     problem = item[1]
-                    self._count(item[2])
                     break
-                index, inputs, targets, keys, reports, counters = item
-                self._count(counters)
+                index, inputs, targets, keys, reports = item
                 if index != expected:
                     raise RuntimeError(f"micro-batch {index} arrived where {expected} was due: DataLoader workers out of order")
                 expected += 1
                 for key, why in reports:
                     log.warning("rank %d skipped bad sample %s", self.dist_env.global_rank, f"{key} ({why})")
                 skipped += len(reports)
-                step.append((inputs, targets, keys.tolist() if isinstance(keys, np.ndarray) else keys))
+                step.append((inputs, targets, keys))
             started = self.agreement.start(problem, skipped)
             if not self.agreement.collective:
                 yield self._hand_out(step, started)  # a local verdict: nothing to wait for
@@ -453,6 +483,23 @@ class StreamingTrainLoader(MapStyleTrainLoader):
             pending = (step, started)
         if pending is not None:
             yield self._hand_out(*pending)
+
+    def _unbundled(self, items: Iterator[tuple]) -> Iterator[tuple]:
+        """Bundles -> (index, inputs, targets, keys, reports) per micro-batch (views of the bundle's tensors), or an error."""
+        for item in items:
+            if item[0] == "error":
+                self._count(item[2])
+                if item[3] is not None:
+                    yield from self._split(item[3])
+                yield item
+                return
+            yield from self._split(item)
+
+    def _split(self, bundle: tuple) -> Iterator[tuple]:
+        first, inputs, targets, sizes, keys, reports, counters = bundle
+        self._count(counters)
+        for i, (x, y) in enumerate(zip(inputs.split(sizes), targets.split(sizes))):
+            yield first + i, x, y, keys[i] if keys is not None else None, reports[i]
 
     def _hand_out(self, step: list, started: tuple) -> list:
         assert self.agreement is not None
@@ -528,9 +575,14 @@ def job_token(dist_env: DistEnv) -> str:
         token = [uuid.uuid4().hex[:16]]
         torch.distributed.broadcast_object_list(token, src=0)
         return token[0]
-    if dist_env.world_size > 1:  # ranks without a process group (tests of the loader alone): the rendezvous names the job
-        return f"{dist_env.master_addr}-{dist_env.master_port}".replace("/", "_")
+    if dist_env.world_size > 1:
+        # Ranks without a process group (tests of the loader alone): the rendezvous names the job, and the
+        # loaders are told apart by the order the ranks build them in (each rank runs the same program).
+        return f"{dist_env.master_addr}-{dist_env.master_port}-{next(_LOADERS_BUILT)}".replace("/", "_")
     return uuid.uuid4().hex[:16]
+
+
+_LOADERS_BUILT = itertools.count()
 
 
 def build_streaming(cfg: Config, spec: ModelSpec, arithmetic: BatchArithmetic, dist_env: DistEnv) -> DataBundle:
