@@ -1,13 +1,14 @@
-"""Ranks agree, step by step, that their data is fit to train on, without waiting on each other to do so.
+"""Ranks agree, group of steps by group of steps, that their data is fit to train on, without waiting on each other.
 
 A bad sample (a label outside the classes, a NaN input) lands in one rank's micro-batch. If that rank
 simply raised, the others would wait in the next gradient all-reduce until the collective timeout (or die
-on a closed connection). So each rank's loader all-reduces, on its own gloo group, a two-number verdict
-per step: (any problem, samples skipped). The reduction for step k is started when step k is assembled
-and waited for only when step k is handed out, one step later: by then it has long completed, so the
-happy path costs one tiny CPU all-reduce per step in gloo's background thread and no host sync with the
+on a closed connection). So each rank's loader all-reduces, on its own gloo group, a small verdict per
+group of steps (the loader groups the steps of a few megabytes of data): any problem, and the samples
+skipped at each step. The reduction for a group starts when the group is assembled and is waited for only
+when the group is handed out, after the next group was assembled: by then it has long completed, so the
+happy path costs one tiny CPU all-reduce per group in gloo's background thread and no host sync with the
 accelerator. When any rank reports a problem, every rank gathers the messages (rare, blocking) and raises
-the same one-line error at the same step.
+the same one-line error before the same step: the first step of the group that holds the bad sample.
 """
 
 from __future__ import annotations
@@ -36,18 +37,19 @@ class StepAgreement:
             return cls(dist.new_group(backend="gloo"))
         return cls(None)
 
-    def start(self, problem: Optional[str], skipped: int) -> tuple:
-        verdict = torch.tensor([int(problem is not None), skipped], dtype=torch.int64)
+    def start(self, problem: Optional[str], skipped: list[int]) -> tuple:
+        """Start agreeing on a group of steps: this rank's problem (if any) and its samples skipped per step."""
+        verdict = torch.tensor([int(problem is not None), *skipped], dtype=torch.int64)
         work = dist.all_reduce(verdict, group=self.group, async_op=True) if self.group is not None else None
         return verdict, work, problem
 
-    def finish(self, pending: tuple) -> int:
-        """Samples skipped at this step over all ranks; raises the first rank's problem on every rank."""
+    def finish(self, pending: tuple) -> list[int]:
+        """Samples skipped per step of the group over all ranks; raises the first rank's problem on every rank."""
         verdict, work, problem = pending
         if work is not None:
             work.wait()
         if int(verdict[0]) == 0:
-            return int(verdict[1])
+            return verdict[1:].tolist()
         if self.group is None:
             raise DataError(problem)
         problems: list = [None] * dist.get_world_size(self.group)

@@ -443,7 +443,7 @@ class StreamingTrainLoader(MapStyleTrainLoader):
         )
         items = iter(loader)
         try:
-            yield from self._agreed_steps(self._unbundled(items), start_step)
+            yield from self._agreed_steps(self._unbundled(items), start_step, max(1, plan.bundle // self.arithmetic.grad_accum_steps))
         finally:
             # Workers stop before the pass folder may go. An error in flight still references the iterator,
             # so dropping our name for it would not be enough.
@@ -453,12 +453,17 @@ class StreamingTrainLoader(MapStyleTrainLoader):
             del items
             leave_pass(plan.directory, len(plan.node_ranks))
 
-    def _agreed_steps(self, items: Iterator, start_step: int) -> Iterator[list]:
-        """Step k is handed out once every rank's verdict on it is in, which is after step k + 1 was assembled."""
+    def _agreed_steps(self, items: Iterator, start_step: int, group_steps: int) -> Iterator[list]:
+        """Steps go out in groups of `group_steps` (the same on every rank), a group once every rank's verdict on
+        it is in, which is after the next group was assembled: one small all-reduce per group, long finished
+        when it is waited for."""
         assert self.agreement is not None
-        pending = None
+        if not self.agreement.collective:
+            group_steps = 1  # a local verdict: nothing to wait for, nothing to group
+        pending: Optional[tuple] = None
+        group: list[tuple[list, int]] = []
         expected, problem = 0, None
-        for _ in range(start_step, self.steps_per_epoch):
+        for k in range(start_step, self.steps_per_epoch):
             step: list = []
             skipped = 0
             while problem is None and len(step) < self.arithmetic.grad_accum_steps:
@@ -474,15 +479,19 @@ class StreamingTrainLoader(MapStyleTrainLoader):
                     log.warning("rank %d skipped bad sample %s", self.dist_env.global_rank, f"{key} ({why})")
                 skipped += len(reports)
                 step.append((inputs, targets, keys))
-            started = self.agreement.start(problem, skipped)
-            if not self.agreement.collective:
-                yield self._hand_out(step, started)  # a local verdict: nothing to wait for
+            group.append((step, skipped))
+            if len(group) < group_steps and k + 1 < self.steps_per_epoch:
                 continue
+            started = (group, self.agreement.start(problem, [n for _, n in group]))
+            group = []
             if pending is not None:
-                yield self._hand_out(*pending)
-            pending = (step, started)
+                yield from self._hand_out(*pending)
+            pending = started
+            if not self.agreement.collective:
+                yield from self._hand_out(*pending)
+                pending = None
         if pending is not None:
-            yield self._hand_out(*pending)
+            yield from self._hand_out(*pending)
 
     def _unbundled(self, items: Iterator[tuple]) -> Iterator[tuple]:
         """Bundles -> (index, inputs, targets, keys, reports) per micro-batch (views of the bundle's tensors), or an error."""
@@ -501,14 +510,14 @@ class StreamingTrainLoader(MapStyleTrainLoader):
         for i, (x, y) in enumerate(zip(inputs.split(sizes), targets.split(sizes))):
             yield first + i, x, y, keys[i] if keys is not None else None, reports[i]
 
-    def _hand_out(self, step: list, started: tuple) -> list:
+    def _hand_out(self, group: list[tuple[list, int]], started: tuple) -> Iterator[list]:
         assert self.agreement is not None
-        skipped = self.agreement.finish(started)
-        self.skipped_samples += skipped
-        self.step_samples_kept = self.plan.global_batch_size - skipped
-        # Count the step before handing it out: a checkpoint taken after this step resumes after it.
-        self.samples_consumed += self.plan.global_batch_size
-        return step
+        for (step, _), skipped in zip(group, self.agreement.finish(started)):
+            self.skipped_samples += skipped
+            self.step_samples_kept = self.plan.global_batch_size - skipped
+            # Count the step before handing it out: a checkpoint taken after this step resumes after it.
+            self.samples_consumed += self.plan.global_batch_size
+            yield step
 
     def _count(self, counters: tuple[int, int]) -> None:
         self.decoded_records += counters[0]
