@@ -244,7 +244,7 @@ def read_volume(world_size: int, workers: int, ranks_per_node: int, samples: int
     nodes = -(-world_size // ranks_per_node)
     dataset = samples * sample_bytes
     return {
-        "world_size": world_size, "workers": workers, "nodes": nodes, "samples": samples, "dataset_gb": dataset / 1e9,
+        "world_size": world_size, "workers": workers, "micro": micro, "nodes": nodes, "samples": samples, "dataset_gb": dataset / 1e9,
         "old_reads_per_record": records_touched / total_records, "old_gb_per_epoch": records_touched / total_records * dataset / 1e9,
         "new_reads_per_record": nodes, "new_gb_per_epoch": nodes * dataset / 1e9,
     }
@@ -313,8 +313,8 @@ def main() -> None:
         "loader": summarize([one_rank], manifest) + summarize(two_rank_rounds(args, root), manifest),
         "cnn": bench_cnn(root / "shards", train, test, args.micro_batch, args.cnn_steps),
         "read_volume": [
-            read_volume(w, k, 8, 1_281_167, 224 * 224 * 3, 32, 1024, 256)  # ImageNet-1k as 224x224 uint8, micro 32, default window
-            for w, k in ((1, 1), (2, 2), (4, 4), (8, 8), (64, 8))
+            read_volume(w, k, 8, 1_281_167, 224 * 224 * 3, micro, 1024, 256)  # ImageNet-1k as 224x224 uint8, default window
+            for w, k, micro in ((1, 1, 32), (2, 2, 32), (4, 4, 32), (8, 8, 32), (64, 8, 32), (64, 8, 8))
         ],
     }
     print("\n28x28 uint8, reading one shard with webdataset stages (1 process)")
@@ -331,10 +331,10 @@ def main() -> None:
         )
     for name, cnn in results["cnn"].items():
         print(f"\nCNN, {name} loader (2 workers): data wait {100 * cnn['data_wait_fraction']:.1f}% of step time, {cnn['step_ms']:.1f} ms/step", end="")
-    print("\n\nread volume per epoch, computed: ImageNet-1k (1.28M samples of 224x224x3 uint8), micro-batch 32, window 1024, 256 samples/record, 8 ranks/node")
-    print(f"  {'ranks':>5} {'workers':>7} {'nodes':>5} {'old reads/record':>16} {'old GB':>9} {'new reads/record':>16} {'new GB':>8}")
+    print("\n\nread volume per epoch, computed: ImageNet-1k (1.28M samples of 224x224x3 uint8), window 1024, 256 samples/record, 8 ranks/node")
+    print(f"  {'ranks':>5} {'workers':>7} {'micro':>5} {'nodes':>5} {'old reads/record':>16} {'old GB':>9} {'new reads/record':>16} {'new GB':>8}")
     for row in results["read_volume"]:
-        print(f"  {row['world_size']:>5} {row['workers']:>7} {row['nodes']:>5} {row['old_reads_per_record']:>16.1f} {row['old_gb_per_epoch']:>9,.0f} {row['new_reads_per_record']:>16} {row['new_gb_per_epoch']:>8,.0f}")
+        print(f"  {row['world_size']:>5} {row['workers']:>7} {row['micro']:>5} {row['nodes']:>5} {row['old_reads_per_record']:>16.1f} {row['old_gb_per_epoch']:>9,.0f} {row['new_reads_per_record']:>16} {row['new_gb_per_epoch']:>8,.0f}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "loader.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {RESULTS / 'loader.json'}")

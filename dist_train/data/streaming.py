@@ -406,12 +406,14 @@ class StreamingTrainLoader(MapStyleTrainLoader):
             return (env.global_rank,)  # numbered otherwise (srun --distribution=cyclic): this rank keeps its own store
         return tuple(range(first, first + env.local_world_size))
 
-    def bundle_size(self) -> int:
-        """Micro-batches per worker item: up to BUNDLE_BYTES of model inputs (without workers, nothing to save)."""
-        if self.num_workers == 0:
-            return 1
+    def micro_batches_per_bundle(self) -> int:
+        """Up to BUNDLE_BYTES of model inputs, at most MAX_BUNDLE micro-batches."""
         micro_batch_bytes = 4 * self.arithmetic.micro_batch_size * int(np.prod(self.input_shape))
         return max(1, min(MAX_BUNDLE, BUNDLE_BYTES // micro_batch_bytes))
+
+    def bundle_size(self) -> int:
+        """Micro-batches per worker item (without workers nothing crosses a pipe: one at a time)."""
+        return self.micro_batches_per_bundle() if self.num_workers else 1
 
     def pass_plan(self, start_step: int) -> PassPlan:
         self.passes += 1
@@ -443,7 +445,7 @@ class StreamingTrainLoader(MapStyleTrainLoader):
         )
         items = iter(loader)
         try:
-            yield from self._agreed_steps(self._unbundled(items), start_step, max(1, plan.bundle // self.arithmetic.grad_accum_steps))
+            yield from self._agreed_steps(self._unbundled(items), start_step, max(1, self.micro_batches_per_bundle() // self.arithmetic.grad_accum_steps))
         finally:
             # Workers stop before the pass folder may go. An error in flight still references the iterator,
             # so dropping our name for it would not be enough.
