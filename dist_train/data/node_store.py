@@ -131,6 +131,12 @@ class SharedShards:
         self.held: dict[int, DecodedShard] = {}
         self.decoded_records = 0  # by this process: the loader sums them to show each record is decoded once per node
         self.bytes_read = 0
+        self.reported = (0, 0)
+
+    def new_counts(self) -> tuple[int, int]:
+        """Records decoded and bytes read since the last call (what a worker reports with each item)."""
+        last, self.reported = self.reported, (self.decoded_records, self.bytes_read)
+        return self.decoded_records - last[0], self.bytes_read - last[1]
 
     def _paths(self, shard: int) -> tuple[Path, Path, Path]:
         d = self.plan.directory

@@ -293,17 +293,11 @@ class RankEpochStream(IterableDataset):
             # Handed over as a value: an exception raised in a worker reaches the user wrapped in a traceback.
             # The good micro-batches before the bad one go with it (one item: the round-robin stays in step),
             # so the error comes at its own step.
-            yield "error", str(e), self._counters(store), self._bundled(bundle, store) if bundle else None
+            yield "error", str(e), store.new_counts(), self._bundled(bundle, store) if bundle else None
         finally:
             for shard in sorted(uses):
                 store.release(shard)  # shards this consumer will no longer need (all of them, if it stopped early)
             store.close()
-
-    def _counters(self, store: SharedShards) -> tuple[int, int]:
-        """Records decoded and bytes read by this worker since the last report."""
-        reported = getattr(self, "_reported", (0, 0))
-        self._reported = (store.decoded_records, store.bytes_read)
-        return store.decoded_records - reported[0], store.bytes_read - reported[1]
 
     def _bundled(self, bundle: list[tuple], store: SharedShards) -> tuple:
         images = self.plan.manifest.kind == "image"
@@ -311,7 +305,7 @@ class RankEpochStream(IterableDataset):
         inputs, targets = _to_tensors(np.concatenate([b[1] for b in bundle]), np.concatenate([b[2] for b in bundle]), self.input_shape, images)
         sizes = [len(b[2]) for b in bundle]
         keys = [b[3] for b in bundle] if self.with_keys else None
-        return first, inputs, targets, sizes, keys, [b[4] for b in bundle], self._counters(store)
+        return first, inputs, targets, sizes, keys, [b[4] for b in bundle], store.new_counts()
 
     def _micro_batches(self, store: SharedShards, worker: int, uses: dict[int, int]) -> Iterator[tuple[int, tuple]]:
         plan, micro = self.plan, self.plan.arithmetic.micro_batch_size
@@ -327,6 +321,8 @@ class RankEpochStream(IterableDataset):
             if reports and not self.skip_bad:
                 key, why = reports[0]
                 raise DataError(f"{why} (sample {key}); set data.skip_bad_samples=true to skip bad samples instead")
+            if len(reports) == micro:
+                raise DataError(f"every sample of a micro-batch is bad ({reports[0][0]}..{reports[-1][0]}: {reports[0][1]}); the shards need preparing again")
             yield index, (index, inputs, targets, keys, reports)
 
     def _stream_positions(self, start: int, count: int, permutations: dict[int, np.ndarray]) -> np.ndarray:
