@@ -289,10 +289,11 @@ class Trainer:
             "train/grad_norm": float("nan") if window.grad_norm is None else float(window.grad_norm),
             "train/samples_per_second": window.steps * self.arithmetic.global_batch_size / max(elapsed, 1e-9),
             "train/data_wait_fraction": window.data_wait / max(window.data_wait + window.compute, 1e-9),
-            "train/skipped_samples": self.data.train.skipped_samples,
             # Fractional progress through the data (1.0 = one full epoch), continuous across epoch ends.
             "train/epoch": self.progress.optimizer_step / self.data.train.steps_per_epoch,
         }
+        if self.cfg.data.skip_bad_samples:
+            metrics["train/skipped_samples"] = self.data.train.skipped_samples  # bad samples skipped so far, all ranks
         if torch.cuda.is_available() and self.strategy.device.type == "cuda":
             metrics["train/cuda_max_memory_mb"] = torch.cuda.max_memory_allocated(self.strategy.device) / 2**20
         # The epoch this step belonged to (progress.epoch has already moved on after an epoch's last step).
