@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test system-deps bench
+.PHONY: install demo test system-deps bench gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -14,9 +14,10 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # A real 2-process DDP run of the tutorial CNN on the embedded real digits, streamed from webdataset shards; prints test accuracy.
+# train.resume=auto: a second `make demo` continues runs/cnn_digits (done at once) instead of being refused.
 demo: install
 	$(PY) -m dist_train data prepare --source digits --out data/digits
-	$(VENV)/bin/torchrun --nproc_per_node 2 -m dist_train train configs/cnn_digits.yaml train.progress_bar=false
+	$(VENV)/bin/torchrun --nproc_per_node 2 -m dist_train train configs/cnn_digits.yaml train.progress_bar=false train.resume=auto
 
 # System packages some tests need (Slurm and munge for the real-cluster tests); a no-op when present.
 system-deps:
@@ -27,3 +28,7 @@ test: install system-deps
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+# The CUDA path proven on one GPU in one go (< 8 min): gpu-marked tests + throughput/MFU/checkpoint/data-wait table.
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

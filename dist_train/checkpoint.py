@@ -1,14 +1,19 @@
 """Checkpoints: step-N directories, written under a temporary name and renamed when complete.
 
-Layout of OUTPUT_DIR/checkpoints/step-00000042/:
-  meta.json          step, epoch, world size, strategy, versions, resolved config (human-readable)
+Layout of OUTPUT_DIR/checkpoints/:
+  index.json         the checkpointer's record of what it wrote: name, step, run id, order, meta.json's sha256
+
+and of each OUTPUT_DIR/checkpoints/step-00000042/:
+  meta.json          step, epoch, run id and fingerprint, world size, strategy, versions, resolved config
   <backend files>    DCP shards (DDP) or DeepSpeed's own layout (ZeRO)
   rank-K.state.pt    per-rank state the backend does not shard (RNG), tensors and plain types only
   trainer.json       trainer progress, data position, tracker run id (identical on every rank)
   COMPLETE           written last; a directory without it is never loaded
 
 Every rank calls save and load; the strategy decides who writes what. A crash mid-save leaves only a
-`.tmp-step-N` directory, which resume ignores and the next save removes. The main process writes
+`.tmp-step-N` directory, which resume ignores and the next save removes. A checkpoint belongs to the run
+that wrote it (see lineage.py): `resume=auto` and keep-latest-K consider only this run's checkpoints, in
+the index's order, and only those whose meta.json is unchanged since it was written. The main process writes
 meta.json + COMPLETE and renames only once every rank's files are on disk: after a barrier for a
 synchronous save; for `checkpoint.async_save` once DCP's own finish step (which gathers every rank's
 write results) has returned on the main process.
@@ -22,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import hashlib
 import io
 import json
 import os
@@ -37,6 +43,9 @@ import torch
 
 from .config import Config, ConfigError
 from .env import DistEnv
+from .files import atomic_write, fsync_dir, write_synced
+from .lineage import ResumePlan, RunInfo
+from .resume_semantics import resume_changes
 
 if TYPE_CHECKING:
     from .strategies.base import Strategy
@@ -44,8 +53,10 @@ if TYPE_CHECKING:
 COMPLETE_MARKER = "COMPLETE"
 META_FILE = "meta.json"
 TRAINER_FILE = "trainer.json"
+INDEX_FILE = "index.json"
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-step-"
+TRASH_PREFIX = ".trash-"
 
 
 class CheckpointError(RuntimeError):
@@ -60,22 +71,86 @@ def is_complete(path: Path) -> bool:
     return (path / COMPLETE_MARKER).is_file() and (path / META_FILE).is_file()
 
 
-def complete_checkpoints(directory: Path) -> list[Path]:
-    """Complete step directories, oldest first, ordered by the step recorded inside (not the folder name)."""
-    if not directory.is_dir():
-        return []
-    found = []
-    for path in directory.iterdir():
-        if path.name.startswith(STEP_PREFIX) and path.is_dir() and is_complete(path):
-            found.append((read_meta(path)["step"], path))
-    return [p for _, p in sorted(found)]
-
-
 def read_meta(path: Path) -> dict:
     try:
         return json.loads((Path(path) / META_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}/{META_FILE} is missing or unreadable ({e}); not a complete dist_train checkpoint") from None
+
+
+def _sha256(file: Path) -> Optional[str]:
+    try:
+        return hashlib.sha256(file.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+class CheckpointIndex:
+    """The checkpointer's own record of what it wrote, in the order it wrote it (checkpoints/index.json).
+
+    Ordering, `resume=auto` and retention follow this record, not a field in meta.json that anyone can edit:
+    each entry keeps the sha256 of the meta.json it wrote, and a checkpoint whose meta.json no longer
+    matches is neither resumed from nor counted. Written only by the main process, atomically.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.entries: list[dict] = []
+        self.next_seq = 0
+        try:
+            raw = json.loads((directory / INDEX_FILE).read_text())
+            self.entries, self.next_seq = list(raw["entries"]), int(raw["next_seq"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+
+    @property
+    def exists(self) -> bool:
+        return (self.directory / INDEX_FILE).is_file()
+
+    def add(self, name: str, step: int, run_id: Optional[str]) -> None:
+        self.entries = [e for e in self.entries if e["name"] != name]
+        self.entries.append({"name": name, "step": step, "run_id": run_id, "seq": self.next_seq, "meta_sha256": _sha256(self.directory / name / META_FILE)})
+        self.next_seq += 1
+        self.write()
+
+    def remove(self, names: set[str]) -> None:
+        self.entries = [e for e in self.entries if e["name"] not in names]
+        self.write()
+
+    def write(self) -> None:
+        atomic_write(self.directory / INDEX_FILE, json.dumps({"entries": self.entries, "next_seq": self.next_seq}, indent=1) + "\n")
+
+    def problem(self, entry: dict) -> Optional[str]:
+        """Why an entry cannot be trusted (None when its directory is complete and unchanged)."""
+        path = self.directory / entry["name"]
+        if not is_complete(path):
+            return f"{path} is missing or incomplete"
+        if _sha256(path / META_FILE) != entry.get("meta_sha256"):
+            return f"{path}/{META_FILE} was changed after the checkpoint was written"
+        return None
+
+    def verified(self, run_id: Optional[str] = None) -> list[Path]:
+        """Trusted checkpoints (of `run_id`, if given), oldest first."""
+        return [
+            self.directory / e["name"]
+            for e in self.entries
+            if (run_id is None or e.get("run_id") == run_id) and self.problem(e) is None
+        ]
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Trusted complete step directories, oldest first: in the index's order where there is an index, else
+    (a directory from before the index existed) ordered by the step recorded inside."""
+    if not directory.is_dir():
+        return []
+    index = CheckpointIndex(directory)
+    if index.exists:
+        return index.verified()
+    found = []
+    for path in directory.iterdir():
+        if path.name.startswith(STEP_PREFIX) and path.is_dir() and is_complete(path):
+            found.append((read_meta(path)["step"], path))
+    return [p for _, p in sorted(found)]
 
 
 def find_checkpoint(spec: str, output_dir: Path, key: str = "train.resume") -> Optional[Path]:
@@ -99,24 +174,6 @@ def find_checkpoint(spec: str, output_dir: Path, key: str = "train.resume") -> O
     return path
 
 
-# Config keys that decide which tensors a checkpoint holds; a mismatch cannot load, so refuse it up front.
-COMPATIBILITY_KEYS = ("model.name", "model.num_classes", "model.kwargs", "model.freeze_backbone", "optim.name", "strategy.name")
-
-
-def check_compatible(meta: dict, cfg: Config, path: Path) -> None:
-    """Refuse a checkpoint of another model or of a config the state cannot be loaded into."""
-    saved, now = meta.get("config", {}), cfg.to_dict()
-    for key in COMPATIBILITY_KEYS:
-        section, name = key.split(".")
-        then = saved.get(section, {}).get(name)
-        current = now[section][name]
-        if then is not None and then != current:
-            raise CheckpointError(
-                f"checkpoint {path} was written with {key}={then}, this run has {key}={current}; "
-                f"set {key}={then} or start a fresh output_dir"
-            )
-
-
 # ---------------------------------------------------------------- per-rank and trainer state
 
 
@@ -136,7 +193,7 @@ def _rng_to_saveable(state: dict) -> dict:
         "torch": state["torch"],
     }
     if "cuda" in state:
-        out["cuda"] = list(state["cuda"])
+        out["cuda"] = state["cuda"]  # this rank's own device's generator (a list in older checkpoints)
     return out
 
 
@@ -163,7 +220,7 @@ def save_side_state(directory: Path, extra_state: dict, dist_env: DistEnv) -> No
             os.fsync(f.fileno())
     if dist_env.is_main:
         shared = {k: v.state_dict() for k, v in extra_state.items() if k != "rng"}
-        _write_synced(directory / TRAINER_FILE, json.dumps(shared, indent=2))
+        write_synced(directory / TRAINER_FILE, json.dumps(shared, indent=2))
 
 
 def load_side_state(directory: Path, extra_state: dict, dist_env: DistEnv) -> None:
@@ -369,38 +426,41 @@ class _PendingSave:
 
 
 class Checkpointer:
-    """Decides when to save, writes step-N directories atomically, keeps the latest K, finds the resume point.
+    """Decides when to save, writes step-N directories atomically, keeps the latest K of this run, finds the
+    resume point.
 
     Backend-agnostic: the strategy writes its files into the temporary directory (`save_checkpoint` may
-    return a Future when it writes in the background); this class owns naming, completeness and retention.
+    return a Future when it writes in the background); this class owns naming, completeness, the index,
+    lineage (a checkpoint belongs to the run that wrote it) and retention.
     """
 
-    def __init__(self, cfg: Config, dist_env: DistEnv, strategy: "Strategy") -> None:
+    def __init__(self, cfg: Config, dist_env: DistEnv, strategy: "Strategy", run: Optional[RunInfo] = None) -> None:
         self.cfg = cfg
         self.dist_env = dist_env
         self.strategy = strategy
+        self.run = run or RunInfo.detached(cfg)
         self.directory = Path(cfg.output_dir) / "checkpoints"
         self.last_saved_step: Optional[int] = None
         self.last_save_time = time.monotonic()
         self._pending: Optional[_PendingSave] = None
 
-    def _due(self, step: int, force: bool) -> bool:
-        ccfg = self.cfg.checkpoint
+    def due(self, step: int, force: bool = False) -> bool:
+        """Same answer on every rank without a collective: step intervals and `force` are known everywhere.
+        Time-based saves (checkpoint.interval_seconds) are agreed by the trainer at log steps."""
         if step == self.last_saved_step:
             return False
-        if force or (ccfg.interval_steps and step % ccfg.interval_steps == 0):
-            return True
-        if ccfg.interval_seconds:
-            # Clocks differ per rank: every rank must reach the same decision, so max-reduce it.
-            elapsed = time.monotonic() - self.last_save_time >= ccfg.interval_seconds
-            flag = torch.tensor([1.0 if elapsed else 0.0], device=self.strategy.device)
-            return bool(self.strategy.all_reduce_max(flag).item())
-        return False
+        interval = self.cfg.checkpoint.interval_steps
+        return force or bool(interval and step % interval == 0)
+
+    def seconds_due(self) -> bool:
+        """This rank's clock says checkpoint.interval_seconds have passed since the last save."""
+        seconds = self.cfg.checkpoint.interval_seconds
+        return bool(seconds) and time.monotonic() - self.last_save_time >= seconds
 
     def maybe_save(self, step: int, extra_state: dict, force: bool = False) -> Optional[Path]:
         """Called by every rank after every optimizer step; saves when an interval is due (or `force`)."""
-        self._poll()
-        if not self._due(step, force):
+        self.poll()
+        if not self.due(step, force):
             return None
         return self.save(step, extra_state)
 
@@ -411,7 +471,8 @@ class Checkpointer:
         tmp = self.directory / f"{TMP_PREFIX}{step:08d}"
         if self.dist_env.is_main:
             self.directory.mkdir(parents=True, exist_ok=True)
-            for stale in self.directory.glob(f"{TMP_PREFIX}*"):
+            # Leftovers of a save or a purge that a crash interrupted.
+            for stale in [*self.directory.glob(f"{TMP_PREFIX}*"), *self.directory.glob(f"{TRASH_PREFIX}*")]:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         self.strategy.barrier()
@@ -435,6 +496,8 @@ class Checkpointer:
             "step": step,
             "epoch": progress.get("epoch"),
             "samples_seen": progress.get("samples_seen"),
+            "run_id": self.run.run_id,
+            "fingerprint": self.run.fingerprint,
             "world_size": self.dist_env.world_size,
             "strategy": self.strategy.name,
             "async_save": self.cfg.checkpoint.async_save,
@@ -444,22 +507,24 @@ class Checkpointer:
         }
 
     def _finalize(self, tmp: Path, final: Path, meta: dict) -> None:
-        """Main process only, after every rank's files are on disk: metadata, marker, rename, retention."""
-        _write_synced(tmp / META_FILE, json.dumps(meta, indent=2))
-        _write_synced(tmp / COMPLETE_MARKER, f"step {meta['step']}\n")
-        _fsync_dir(tmp)
+        """Main process only, after every rank's files are on disk: metadata, marker, rename, index, retention."""
+        write_synced(tmp / META_FILE, json.dumps(meta, indent=2))
+        write_synced(tmp / COMPLETE_MARKER, f"step {meta['step']}\n")
+        fsync_dir(tmp)
         replaced = None
         if final.exists():  # the same step saved again (e.g. a rerun): move the old one aside, never lose both
-            replaced = self.directory / f"{TMP_PREFIX}replaced-{final.name}"
+            replaced = self.directory / f"{TRASH_PREFIX}replaced-{final.name}"
             shutil.rmtree(replaced, ignore_errors=True)
             os.rename(final, replaced)
         os.rename(tmp, final)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
+        index = CheckpointIndex(self.directory)
+        index.add(final.name, meta["step"], self.run.run_id)
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
-        self._purge()
+        self._purge(index, keep=final.name)
 
-    def _poll(self) -> None:
+    def poll(self) -> None:
         """Finalize an asynchronous save as soon as its writes are done, without blocking or a collective."""
         if self._pending is not None and self._pending.future.done():
             self._finish_pending()
@@ -478,24 +543,43 @@ class Checkpointer:
             self._finalize(pending.tmp, pending.final, pending.meta)
 
     def wait(self) -> None:
-        """Collective. Block until an asynchronous save (if any) is complete on disk; a no-op otherwise."""
-        had_pending = self._pending is not None
+        """Collective. Block until an asynchronous save (if any) is complete on disk; a no-op otherwise.
+
+        The barrier is unconditional: whether a save is still pending differs between ranks (each polls
+        its own future), and a barrier entered by some ranks only would hang the others."""
         self._finish_pending()
-        if had_pending:
-            self.strategy.barrier()
+        self.strategy.barrier()
 
-    def _purge(self) -> None:
-        complete = complete_checkpoints(self.directory)
-        for old in complete[: -self.cfg.checkpoint.keep_latest]:
-            shutil.rmtree(old, ignore_errors=True)
+    def _purge(self, index: CheckpointIndex, keep: str) -> None:
+        """Keep the newest `keep_latest` checkpoints of this run (never the one just written); other runs'
+        and untrusted directories are left alone. A directory is renamed before it is deleted, so an
+        interrupted purge never leaves a half-deleted step-N that looks like a checkpoint."""
+        own = [e["name"] for e in index.entries if e.get("run_id") == self.run.run_id and index.problem(e) is None]
+        doomed = [name for name in own[: -self.cfg.checkpoint.keep_latest] if name != keep]
+        if not doomed:
+            return
+        index.remove(set(doomed))
+        for name in doomed:
+            trash = self.directory / f"{TRASH_PREFIX}{name}"
+            os.rename(self.directory / name, trash)
+            shutil.rmtree(trash, ignore_errors=True)
 
-    def resume(self, spec: str, extra_state: dict) -> Optional[Path]:
-        """Collective. Loads the checkpoint `spec` names ('auto' or a path); None when 'auto' finds none."""
+    # ------------------------------------------------------------ resume
+
+    def resume(self, plan: "ResumePlan | str", extra_state: dict) -> Optional[tuple[Path, list[str]]]:
+        """Collective. Loads the checkpoint the plan names; returns (path, lines describing the config keys
+        that changed since it was written), or None when there is nothing to resume."""
+        if isinstance(plan, str):
+            plan = ResumePlan("auto") if plan == "auto" else ResumePlan("path", plan)
+        if plan.kind == "none":
+            return None
         # The main process decides, so every rank loads the same step even if the directory is changing.
         decision: Any = None  # None (fresh start), a path, or ("error", message) so every rank raises alike
         if self.dist_env.is_main:
+            for trash in self.directory.glob(f"{TRASH_PREFIX}*"):  # a purge that a crash interrupted
+                shutil.rmtree(trash, ignore_errors=True)
             try:
-                path = find_checkpoint(spec, Path(self.cfg.output_dir))
+                path = self._resume_point(plan)
                 decision = None if path is None else str(path)
             except CheckpointError as e:
                 decision = ("error", str(e))
@@ -506,25 +590,45 @@ class Checkpointer:
             return None
         path = Path(decision)
         meta = read_meta(path)
-        check_compatible(meta, self.cfg, path)
+        changes = resume_changes(meta.get("config", {}), self.cfg, str(path))
         self.strategy.load_checkpoint(path, extra_state)
         self.last_saved_step = meta["step"]
+        return path, changes
+
+    def _resume_point(self, plan: ResumePlan) -> Optional[Path]:
+        """Main process: the newest trusted checkpoint of this run for 'auto' (its explicit fallback if it has
+        none yet); for a path, that checkpoint, moving aside this run's checkpoints written after it."""
+        if plan.kind == "auto":
+            index = CheckpointIndex(self.directory)
+            for entry in reversed(index.entries):
+                if entry.get("run_id") != self.run.run_id:
+                    continue
+                problem = index.problem(entry)
+                if problem is None:
+                    return self.directory / entry["name"]
+                print(f"dist-train: warning: not resuming from {entry['name']}: {problem}", flush=True)
+            if not index.exists and complete_checkpoints(self.directory):
+                return complete_checkpoints(self.directory)[-1]  # written before the index existed
+            return find_checkpoint(plan.fallback, Path(self.cfg.output_dir)) if plan.fallback else None
+        path = find_checkpoint(plan.path, Path(self.cfg.output_dir))
+        if path is not None and path.parent.resolve() == self.directory.resolve():
+            self._move_aside_newer_than(path)
         return path
 
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    def _move_aside_newer_than(self, path: Path) -> None:
+        """Rolling back: checkpoints this run wrote after `path` belong to the abandoned future. They go to
+        previous/ (never deleted) so that retention and a later restart's 'auto' see only the new history."""
+        index = CheckpointIndex(self.directory)
+        seqs = [e["seq"] for e in index.entries if e["name"] == path.name]
+        if not seqs:
+            return
+        newer = [e["name"] for e in index.entries if e["seq"] > seqs[0] and e.get("run_id") == self.run.run_id]
+        if not newer:
+            return
+        target = Path(self.cfg.output_dir) / "previous" / f"{self.run.run_id}-after-{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        target.mkdir(parents=True, exist_ok=True)
+        index.remove(set(newer))
+        for name in newer:
+            if (self.directory / name).exists():
+                os.rename(self.directory / name, target / name)
+        print(f"dist-train: resuming from {path.name} of this run: moved the {len(newer)} checkpoint(s) written after it to {target}", flush=True)

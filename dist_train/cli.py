@@ -1,6 +1,6 @@
 """`dist-train` / `python -m dist_train`: argument parsing only; the work happens in the modules it calls.
 
-  dist-train train CONFIG [section.key=value ...]       train (plain process, torchrun, srun, accelerate)
+  dist-train train CONFIG [section.key=value ...]       train (plain, torchrun, accelerate, srun, mpirun, Kubeflow, SkyPilot)
   dist-train eval CONFIG checkpoint=PATH [overrides]    evaluate a checkpoint
   dist-train export CHECKPOINT --out model.pt           plain state_dict for the tutorial model
   dist-train data prepare --source NAME --out DIR       write webdataset shards + manifest
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train a model from a YAML preset", description="Train. Runs unchanged under torchrun, srun and accelerate launch.")
+    train = sub.add_parser("train", help="train a model from a YAML preset", description="Train. Runs unchanged under torchrun, accelerate launch, srun, mpirun, Kubeflow and SkyPilot (see the README's launcher table).")
     _add_config_args(train)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint", description="Evaluate a checkpoint on the config's eval split: dist-train eval CONFIG checkpoint=PATH")
@@ -86,6 +86,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         message = user_facing_message(e)
         if message is None:
             raise
+        from .env import LaunchError
+
+        if isinstance(e, LaunchError):  # like a config error, the launch command or its environment must change
+            print(f"dist-train: launch error: {message}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
         print(f"dist-train: error: {message}", file=sys.stderr)
         return 1
 

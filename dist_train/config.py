@@ -8,6 +8,7 @@ them as one line and exits 2.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -84,9 +85,11 @@ class TrainConfig:
     seed: int = _f(0, "seed for model init, data order and every rank's RNG")
     eval_interval: int = _f(0, "evaluate every N optimizer steps; 0 = at the end of every epoch")
     log_interval: int = _f(10, "log every N optimizer steps")
-    resume: Optional[str] = _f(None, "'auto' = newest complete checkpoint in output_dir, or a checkpoint path")
+    resume: Optional[str] = _f(None, "'auto' = continue this output_dir's run from its newest checkpoint, or a checkpoint path (first start only: restarts continue from the newest)")
+    start_over: bool = _f(False, "start a new run in an output_dir that holds another run: its files are moved to output_dir/previous/, never deleted")
     stop_at_step: Optional[int] = _f(None, "stop after this optimizer step, saving a checkpoint, as a preemption would (the LR schedule is unchanged)")
     progress_bar: bool = _f(True, "tqdm progress bar on the main process")
+    max_consecutive_skipped_steps: int = _f(25, "fp16: this many optimizer steps in a row skipped by the loss scaler count as divergence")
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms for bitwise-reproducible runs")
     preemption_signal: str = _f("SIGUSR2", "signal that asks for checkpoint + stop (+ requeue under Slurm), besides SIGTERM/SIGINT; match sbatch --signal (not USR1: NCCL may use it)")
 
@@ -106,6 +109,7 @@ class StrategyConfig:
     backend: Optional[Literal["nccl", "gloo"]] = _f(None, "process group backend; default nccl on CUDA, gloo on CPU")
     timeout_seconds: float = _f(1800.0, "collective timeout: a rank that stops answering fails the job after this")
     find_unused_parameters: bool = _f(False, "DDP: set when some parameters get no gradient in a step")
+    sync_batchnorm: bool = _f(False, "DDP on CUDA: BatchNorm statistics over the whole global micro-batch (SyncBatchNorm) instead of per rank")
     zero_stage: int = _f(2, "deepspeed: ZeRO stage 1, 2 or 3")
     deepspeed_config: Optional[str] = _f(None, "deepspeed: JSON config passed through (configs/deepspeed/*.json)")
 
@@ -262,6 +266,14 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads 3e-4 as a string: it wants a dot (3.0e-4); Python's float does not.
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+            if number is not None and math.isfinite(number):
+                return number
         raise ConfigError(f"{key} must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -311,6 +323,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     if cfg.strategy.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"strategy.zero_stage must be 1, 2 or 3, got {cfg.strategy.zero_stage}")
+    if t.max_consecutive_skipped_steps < 1:
+        raise ConfigError(f"train.max_consecutive_skipped_steps must be at least 1, got {t.max_consecutive_skipped_steps}")
     if cfg.checkpoint.keep_latest < 1:
         raise ConfigError(f"checkpoint.keep_latest must be at least 1, got {cfg.checkpoint.keep_latest}")
     if ":" in cfg.model.name and (cfg.model.input_shape is None or cfg.model.task is None):
@@ -349,14 +363,24 @@ def batch_arithmetic(train: TrainConfig, world_size: int) -> BatchArithmetic:
     return BatchArithmetic(train.global_batch_size, train.micro_batch_size, world_size, train.global_batch_size // per_step)
 
 
-def describe_keys(cls: type = Config, prefix: str = "") -> list[str]:
-    """`key (default): help` lines for every field, for --help output."""
-    lines = []
+def leaf_fields(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field]]:
+    """(dotted key, field) for every leaf of the tree, in declaration order (model.kwargs is one leaf)."""
     for f in dataclasses.fields(cls):
         tp = typing.get_type_hints(cls)[f.name]
         if dataclasses.is_dataclass(tp):
-            lines.extend(describe_keys(tp, prefix + f.name + "."))
+            yield from leaf_fields(tp, prefix + f.name + ".")
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            lines.append(f"  {prefix}{f.name} (default {default!r}): {f.metadata.get('help', '')}")
+            yield prefix + f.name, f
+
+
+def all_keys() -> list[str]:
+    return [key for key, _ in leaf_fields()]
+
+
+def describe_keys() -> list[str]:
+    """`key (default): help` lines for every field, for --help output."""
+    lines = []
+    for key, f in leaf_fields():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  {key} (default {default!r}): {f.metadata.get('help', '')}")
     return lines

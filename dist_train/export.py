@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from .checkpoint import CheckpointError, find_checkpoint, load_dcp_full, read_meta
+from .files import atomic_write
 
 
 def export_checkpoint(checkpoint: str, out: str, tutorial_dict_path: Optional[str] = None) -> int:
@@ -25,8 +26,7 @@ def export_checkpoint(checkpoint: str, out: str, tutorial_dict_path: Optional[st
     meta = read_meta(path)
     model_state, optimizer_state = _load(path, meta)
     out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model_state, out_path)
+    atomic_write(out_path, lambda f: torch.save(model_state, f))
     num_params = sum(v.numel() for v in model_state.values() if isinstance(v, torch.Tensor))
     print(f"wrote {out_path}: {len(model_state)} tensors, {num_params} values, from {path} (step {meta['step']})", flush=True)
     if tutorial_dict_path:
@@ -36,8 +36,7 @@ def export_checkpoint(checkpoint: str, out: str, tutorial_dict_path: Optional[st
             "optimizer_state_dict": optimizer_state,
             "loss": None,  # dist_train checkpoints do not record a training loss
         }
-        Path(tutorial_dict_path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(tutorial, tutorial_dict_path)
+        atomic_write(tutorial_dict_path, lambda f: torch.save(tutorial, f))
         print(f"wrote {tutorial_dict_path}: epoch, model_state_dict, optimizer_state_dict, loss", flush=True)
     return 0
 

@@ -10,13 +10,25 @@ from torch import nn
 from .config import OptimConfig
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, model: nn.Module, fused: bool = False) -> torch.optim.Optimizer:
+    """`fused=True` asks for torch's fused kernels, which take GradScaler's found-inf flag on the device and
+    skip an overflowing step there; the unfused ones make GradScaler.step read the flag on the host (a sync
+    every step). Falls back to the unfused optimizer where this torch has no fused kernel for the params."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if fused:
+        try:
+            return _optimizer(cfg, params, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return _optimizer(cfg, params)
+
+
+def _optimizer(cfg: OptimConfig, params: list, **kwargs: bool) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **kwargs)
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kwargs)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kwargs)
 
 
 def lr_factor(cfg: OptimConfig, step: int, total_steps: int) -> float:
@@ -39,3 +51,20 @@ def lr_factor(cfg: OptimConfig, step: int, total_steps: int) -> float:
 def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     # A LambdaLR's state_dict holds only its step count, so it checkpoints and resumes exactly.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, total_steps))
+
+
+def apply_hyperparameters(cfg: OptimConfig, optimizer: torch.optim.Optimizer, scheduler: object) -> None:
+    """After a resume: the config's LR and optimizer settings replace the ones the checkpoint restored.
+
+    The LR takes effect at the next optimizer step, at the schedule's current position (the scheduler's
+    step count is kept). A scheduler that is not dist_train's LambdaLR (a DeepSpeed JSON one) keeps its LR.
+    """
+    for group in optimizer.param_groups:
+        for key, value in (("weight_decay", cfg.weight_decay), ("momentum", cfg.momentum), ("betas", tuple(cfg.betas))):
+            if key in group:
+                group[key] = value
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+        for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Sequence
 
 from .config import Config, config_from_dict, explicit_keys, raw_config, validate
+from .files import atomic_write
 from .env import backend_for, destroy_process_group, detect_environment, init_process_group, reconcile_launcher_settings
 from .signals import finish_interrupted, resolve_signal, stop_on_signals
 
@@ -20,27 +22,32 @@ def _start(config_path: str, overrides: Sequence[str]) -> tuple[Config, object]:
         if dist_env.is_main:
             print(f"dist-train: {line}", flush=True)
     validate(cfg)
-    if dist_env.restarted and cfg.train.resume is None:
-        cfg.train.resume = "auto"
-        if dist_env.is_main:
-            print(f"dist-train: restart {dist_env.restart_count} of this job ({dist_env.launcher}): train.resume=auto", flush=True)
+    if dist_env.restarted and dist_env.is_main:
+        print(f"dist-train: restart {dist_env.restart_count} of this job ({dist_env.launcher}): continuing from the newest checkpoint of its run", flush=True)
     backend = backend_for(dist_env, cfg.strategy.backend)
     init_process_group(dist_env, backend, cfg.strategy.timeout_seconds)
+    if not dist_env.is_main:  # rank 0's line comes from the trainer; one per other rank shows the group as launched
+        print(f"dist_train: {dist_env.describe()}", flush=True)
     return cfg, dist_env
 
 
 def train(config_path: str, overrides: Sequence[str]) -> int:
+    from .guard import EXIT_DIVERGED, TrainingDiverged
+    from .lineage import RunDirectory
     from .trainer import Trainer, TrainingInterrupted
 
     cfg, dist_env = _start(config_path, overrides)
     trainer = None
+    run_dir = None
     try:
+        # Before anything is written: lock output_dir and decide whose run this is (collective).
+        run_dir = RunDirectory.open(cfg, dist_env)
         if dist_env.is_main:
-            out = Path(cfg.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(cfg.to_yaml())
+            for note in run_dir.info.notes:
+                print(f"dist-train: {note}", flush=True)
+            atomic_write(Path(cfg.output_dir) / "config.yaml", cfg.to_yaml())
             print("resolved config:\n" + cfg.to_yaml(), flush=True)
-        trainer = Trainer.build(cfg, dist_env)
+        trainer = Trainer.build(cfg, dist_env, run_dir.info)
         with stop_on_signals(trainer, cfg.train.preemption_signal, announce=dist_env.is_main) as stop_signals:
             summary = trainer.fit()
         if dist_env.is_main:
@@ -53,9 +60,17 @@ def train(config_path: str, overrides: Sequence[str]) -> int:
         trainer.close()
         trainer = None
         return finish_interrupted(e, dist_env, preempted=stop_signals.preempted)
+    except TrainingDiverged as e:
+        # Every rank raised it at the same step (the check is collective); a restart must not loop into it.
+        if dist_env.is_main:
+            run_dir.record_divergence(e.step)
+            print(f"dist-train: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
     finally:
         if trainer is not None:
             trainer.close()
+        if run_dir is not None:
+            run_dir.close()
         destroy_process_group()
 
 
@@ -76,11 +91,12 @@ def evaluate(config_path: str, overrides: Sequence[str]) -> int:
         trainer = Trainer.build(cfg, dist_env)
         # Model (and optimizer) plus progress only: the data position and RNG do not matter to an evaluation,
         # so a checkpoint evaluates under any batch size or world size.
-        path = trainer.checkpointer.resume(cfg.train.resume, {"progress": trainer.progress})
-        if path is None:
+        resumed = trainer.checkpointer.resume(cfg.train.resume, {"progress": trainer.progress})
+        if resumed is None:
             from .config import ConfigError
 
             raise ConfigError(f"checkpoint={checkpoint[0]}: no complete checkpoint found")
+        path = resumed[0]
         metrics = trainer.evaluate()
         if dist_env.is_main:
             import json

@@ -302,4 +302,6 @@ class ConsoleLog:
             f"step {step:>6} | epoch {epoch} | loss {metrics['train/loss']:.4f} | lr {metrics['train/lr']:.3e} | "
             f"grad_norm {metrics['train/grad_norm']:.3f} | {metrics['train/samples_per_second']:.0f} samples/s"
         )
+        if "train/skipped_steps" in metrics:  # fp16: the loss above leaves out the steps the scaler skipped
+            line += f" | skipped {metrics['train/skipped_steps']:.0f}"
         self.print(line)

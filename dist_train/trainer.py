@@ -8,8 +8,6 @@ for every strategy.
 from __future__ import annotations
 
 import json
-import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -24,9 +22,13 @@ from torch.nn import functional as F
 from .checkpoint import Checkpointer
 from .config import BatchArithmetic, Config, batch_arithmetic
 from .data import DataBundle, build_data
+from .determinism import use_deterministic_algorithms
 from .env import DistEnv
+from .files import atomic_write
+from .guard import SkipCounter, StepWindow, TrainingDiverged, divergence_message, parameters_finite
+from .lineage import RunInfo
 from .models import ModelSpec, build_model, model_spec
-from .optim import build_optimizer, build_scheduler
+from .optim import apply_hyperparameters, build_optimizer, build_scheduler
 from .strategies import Strategy, build_strategy
 from .tracking import ConsoleLog, Tracker, build_tracker
 
@@ -54,7 +56,13 @@ class TrainProgress:
 
 
 class RNGState:
-    """Python, NumPy and torch (CPU and CUDA) generators of this rank."""
+    """Python, NumPy and torch generators of this rank, and the CUDA generator of this rank's own device.
+
+    Only this rank's device: the other GPUs a process can see belong to other ranks, and a resume may see
+    fewer of them (one GPU per task under Slurm)."""
+
+    def __init__(self, device: torch.device = torch.device("cpu")) -> None:
+        self.device = device
 
     def state_dict(self) -> dict:
         state = {
@@ -62,16 +70,21 @@ class RNGState:
             "numpy": np.random.get_state(),
             "torch": torch.get_rng_state(),
         }
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
     def load_state_dict(self, state: dict) -> None:
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
         torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state.get("cuda")
+        if cuda is not None and self.device.type == "cuda":
+            if isinstance(cuda, (list, tuple)):  # an older checkpoint held every visible GPU's generator
+                index = self.device.index or 0
+                cuda = cuda[index] if index < len(cuda) else None
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda, self.device)
 
 
 def seed_everything(seed: int) -> None:
@@ -109,32 +122,35 @@ class Trainer:
         self.tracker = tracker
         self.console = console
         self.progress = TrainProgress()
-        self.rng = RNGState()
+        self.rng = RNGState(strategy.device)
         self.stop_requested = False  # set from a signal handler; acted on at a step boundary by all ranks
+        self.skips = SkipCounter(strategy.device) if cfg.train.precision == "fp16" else None
+        self._skipped_before = 0  # skipped steps restored from the checkpoint; self.skips counts this process's
 
     # ------------------------------------------------------------ assembly
 
     @classmethod
-    def build(cls, cfg: Config, dist_env: DistEnv) -> "Trainer":
+    def build(cls, cfg: Config, dist_env: DistEnv, run: Optional[RunInfo] = None) -> "Trainer":
+        """`run`: the identity and resume plan `RunDirectory.open` decided (None: detached, see RunInfo)."""
         console = ConsoleLog(dist_env, cfg.train.progress_bar)
         arithmetic = batch_arithmetic(cfg.train, dist_env.world_size)
         spec = model_spec(cfg.model)
         strategy = build_strategy(cfg, dist_env, arithmetic)
         data = build_data(cfg, spec, arithmetic, dist_env)
         if cfg.train.deterministic:
-            # Bitwise-repeatable kernels (slower); CUDA also needs a fixed cuBLAS workspace.
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
+            note = use_deterministic_algorithms(dist_env.torch_device)
+            if note:
+                console.print(note)
         # Same seed on every rank: identical initial replicas (DDP would broadcast anyway; ZeRO does not).
         seed_everything(cfg.train.seed)
         model = build_model(cfg.model)
-        optimizer = build_optimizer(cfg.optim, model)
+        optimizer = build_optimizer(cfg.optim, model, fused=strategy.wants_fused_optimizer)
         total_steps = planned_total_steps(cfg, data.train.steps_per_epoch)
         scheduler = build_scheduler(cfg.optim, optimizer, total_steps)
         strategy.setup(model, optimizer, scheduler)
         # From here on each rank draws its own random numbers (dropout, augmentation).
         seed_everything(cfg.train.seed + dist_env.global_rank)
-        checkpointer = Checkpointer(cfg, dist_env, strategy)
+        checkpointer = Checkpointer(cfg, dist_env, strategy, run)
         tracker = build_tracker(cfg, dist_env)
         return cls(cfg, dist_env, arithmetic, spec, data, strategy, checkpointer, tracker, console)
 
@@ -162,15 +178,16 @@ class Trainer:
             f"{self.data.num_eval_samples} eval samples; {total_steps} optimizer steps planned"
         )
 
-        if cfg.train.resume:
-            resumed = self.checkpointer.resume(cfg.train.resume, self.stateful())
-            if resumed is not None:
-                console.print(f"resumed from {resumed} at optimizer step {self.progress.optimizer_step}, epoch {self.progress.epoch}")
+        self._resume()
+        rng_state = self.rng.state_dict()
         self.tracker.start(cfg, self.progress.optimizer_step)
+        # A tracker may draw random numbers at start (W&B does for ids); a resumed run must continue from
+        # exactly the restored state, as the straight run did.
+        self.rng.load_state_dict(rng_state)
 
         start_time = time.perf_counter()
         start_samples = self.progress.samples_seen
-        window = _Window(self.strategy.device)
+        window = self._new_window()
         eval_metrics: dict = {}
         last_eval_step = -1
         bar = console.progress_bar(total=total_steps, initial=self.progress.optimizer_step)
@@ -188,14 +205,18 @@ class Trainer:
                 epoch_done = step % steps_per_epoch == 0
                 if epoch_done:
                     self.progress.epoch += 1
+                stop = step == cfg.train.stop_at_step
+                save_for_time = False
                 if step % cfg.train.log_interval == 0 or step == total_steps:
-                    self._log(window, bar)
-                    window = _Window(self.strategy.device)
+                    requested, save_for_time = self._log(window, bar)
+                    stop = stop or requested
+                    window = self._new_window()
                 if (cfg.train.eval_interval and step % cfg.train.eval_interval == 0) or (epoch_done and not cfg.train.eval_interval):
                     eval_metrics, last_eval_step = self.evaluate(), step
                     self.strategy.train_mode(True)
-                stop = self._stop_agreed()
-                self.checkpointer.maybe_save(step, self.stateful(), force=stop)
+                if self.checkpointer.due(step, force=stop or save_for_time):
+                    self._save(window)
+                self.checkpointer.poll()
                 if stop:
                     bar.close()
                     self.checkpointer.wait()
@@ -212,11 +233,15 @@ class Trainer:
         bar.close()
 
         elapsed = time.perf_counter() - start_time
+        # The end-of-run checkpoint comes before the final evaluation: an error in evaluation (a bad label in
+        # the test split) must not lose the run.
+        if cfg.checkpoint.save_at_end and self.checkpointer.due(self.progress.optimizer_step, force=True):
+            self._save(window)
+        else:
+            self._check_finite(window)
+        self.checkpointer.wait()
         if last_eval_step != self.progress.optimizer_step:
             eval_metrics = self.evaluate()
-        if cfg.checkpoint.save_at_end:
-            self.checkpointer.maybe_save(self.progress.optimizer_step, self.stateful(), force=True)
-        self.checkpointer.wait()
         summary = {
             "optimizer_steps": self.progress.optimizer_step,
             "epochs_completed": self.progress.epoch,
@@ -232,57 +257,132 @@ class Trainer:
         self._write_outputs(summary)
         return summary
 
-    def _optimizer_step(self, step_batches: list, window: "_Window", will_log: bool = True) -> None:
+    def _resume(self) -> None:
+        resumed = self.checkpointer.resume(self.checkpointer.run.resume, self.stateful())
+        if resumed is None:
+            return
+        path, changes = resumed
+        self._skipped_before = self.progress.skipped_steps
+        self.console.print(f"resumed from {path} at optimizer step {self.progress.optimizer_step}, epoch {self.progress.epoch}")
+        for line in changes:
+            self.console.print(f"resume: {line}")
+        if any(line.startswith(("optim.", "train.epochs", "train.max_steps")) for line in changes):
+            # The checkpoint's optimizer and scheduler carry the old values (a LambdaLR restores its base LR).
+            apply_hyperparameters(self.cfg.optim, self.strategy.optimizer, self.strategy.scheduler)
+            self.console.print(f"resume: from optimizer step {self.progress.optimizer_step + 1} the LR is {self.strategy.optimizer.param_groups[0]['lr']:.6g}")
+
+    def _new_window(self) -> StepWindow:
+        return StepWindow(self.strategy.device, self.cfg.train.log_interval, self.progress.optimizer_step + 1)
+
+    def _optimizer_step(self, step_batches: list, window: StepWindow, will_log: bool = True) -> None:
         strategy, device = self.strategy, self.strategy.device
         last = len(step_batches) - 1
         compute_start = time.perf_counter()
+        sample_weight = self._sample_weight(step_batches)
+        step_loss: Any = None
+        first_micro_batch = self.dist_env.global_rank * len(step_batches)
         for i, (inputs, targets) in enumerate(step_batches):
             inputs = inputs.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
+            self._seed_micro_batch(first_micro_batch + i)
             with strategy.accumulation_context(i == last):
                 with strategy.autocast():
                     outputs = strategy.model(inputs)
                 loss = loss_function(self.spec.task, outputs, targets)
-                strategy.backward(loss, i == last)
-            window.loss_sum += loss.detach()
-            window.micro_batches += 1
+                strategy.backward(loss if sample_weight is None else loss * (inputs.shape[0] * sample_weight), i == last)
+            step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
             self.progress.micro_step += 1
         result = strategy.optimizer_step(compute_grad_norm=will_log)
         if not strategy.steps_scheduler:
             strategy.scheduler.step()
         self.progress.optimizer_step += 1
         self.progress.samples_seen += self.arithmetic.global_batch_size
-        self.progress.skipped_steps += int(result.skipped)
-        window.grad_norm = result.grad_norm
-        window.steps += 1
+        if self.skips is not None:
+            self.skips.add(result.skipped)
+        window.add_step(step_loss, len(step_batches), result.grad_norm, result.skipped if self.skips is not None else False)
         window.compute += time.perf_counter() - compute_start
 
-    def _stop_agreed(self) -> bool:
-        """All ranks must stop at the same step, or the next collective hangs: max-reduce the local flag.
+    def _seed_micro_batch(self, index: int) -> None:
+        """Dropout (and any other draw in forward/backward) from a stream of its own for each micro-batch:
+        a function of (seed, optimizer step, the micro-batch's place in the global batch). So a resumed run
+        draws exactly what the straight run drew, and N ranks x k micro-batches draw the same masks as one
+        process with N*k micro-batches of the same size."""
+        seed = ((self.cfg.train.seed * 1_000_003 + self.progress.optimizer_step) * 65_537 + index) % (2**63)
+        torch.default_generator.manual_seed(seed)
+        if self.strategy.device.type == "cuda":
+            torch.cuda.manual_seed(seed)  # this rank's device only
 
-        The reduction costs a collective and a host sync, so it runs only at log steps (where the loop syncs
-        anyway); a preemption signal gives minutes of warning. `train.stop_at_step` is in every rank's config
-        and needs no agreement.
-        """
-        step = self.progress.optimizer_step
-        if step == self.cfg.train.stop_at_step:
-            return True
-        if step % self.cfg.train.log_interval:
-            return False
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.strategy.device)
-        return bool(self.strategy.all_reduce_max(flag).item())
+    def _sample_weight(self, step_batches: list) -> Optional[torch.Tensor]:
+        """With data.skip_bad_samples a micro-batch may be short. Its mean loss then weighs by the samples it
+        kept, so the step's gradient is the mean over the samples actually used on all ranks. Costs one
+        small all-reduce per step, so only when skipping is on; None means every micro-batch is full."""
+        if not self.cfg.data.skip_bad_samples:
+            return None
+        kept = torch.tensor([float(sum(inputs.shape[0] for inputs, _ in step_batches))], device=self.strategy.device)
+        self.strategy.all_reduce_sum(kept)
+        # The strategy divides by the accumulation steps and DDP averages over ranks: undo both.
+        return (self.dist_env.world_size * self.arithmetic.grad_accum_steps) / kept[0]
 
-    def _log(self, window: "_Window", bar: Any) -> None:
+    def _agree(self, values: list[torch.Tensor]) -> list[list[float]]:
+        """One all-gather of per-rank scalars (one host sync): row r holds rank r's values."""
+        local = torch.stack([v.to(self.strategy.device, torch.float32).reshape(()) for v in values])
+        return self.strategy.all_gather_rows(local).tolist()
+
+    def _divergence(self, rows: list[list[float]], first_bad_col: int, skip_run_col: int) -> None:
+        """Raise TrainingDiverged on every rank alike when any rank saw a non-finite value."""
+        bad_steps = [int(r[first_bad_col]) for r in rows if r[first_bad_col] >= 0]
+        longest_skip_run = int(max(r[skip_run_col] for r in rows))
+        limit = self.cfg.train.max_consecutive_skipped_steps
+        if bad_steps or longest_skip_run > limit:
+            first = min(bad_steps) if bad_steps else -1
+            self.tracker.log({"train/diverged_at_step": float(first if first >= 0 else self.progress.optimizer_step)}, step=self.progress.optimizer_step)
+            message = divergence_message(first, longest_skip_run, limit, self.checkpointer.last_saved_step, str(self.checkpointer.directory))
+            raise TrainingDiverged(message, first if first >= 0 else self.progress.optimizer_step)
+
+    def _skip_values(self) -> list[torch.Tensor]:
+        zero = torch.zeros((), device=self.strategy.device)
+        return [self.skips.longest_run, self.skips.total] if self.skips is not None else [zero, zero]
+
+    def _check_finite(self, window: StepWindow) -> None:
+        """Collective, before anything is saved: no rank saw a non-finite loss or gradient norm, and every
+        rank's parameters are finite. Raises TrainingDiverged everywhere otherwise."""
+        not_finite = ~parameters_finite(self.strategy.local_parameters())
+        rows = self._agree([window.first_bad_step(), *self._skip_values(), not_finite])
+        self._count_skips(rows)
+        if any(r[3] for r in rows) and all(r[0] < 0 for r in rows):
+            rows = [[float(self.progress.optimizer_step), *r[1:]] for r in rows]  # the weights went bad in this step
+        self._divergence(rows, first_bad_col=0, skip_run_col=1)
+
+    def _count_skips(self, rows: list[list[float]]) -> None:
+        if self.skips is not None:
+            self.progress.skipped_steps = self._skipped_before + int(rows[0][2])  # the scaler decides alike on every rank
+
+    def _save(self, window: StepWindow) -> None:
+        """Collective: check, make every rank hold the same buffers, save."""
+        self._check_finite(window)
+        self.strategy.sync_buffers()
+        self.checkpointer.save(self.progress.optimizer_step, self.stateful())
+
+    def _log(self, window: StepWindow, bar: Any) -> tuple[bool, bool]:
+        """Collective at log steps: one all-gather carries every rank's loss totals, first non-finite step,
+        fp16 skip counts, stop request and checkpoint clock. Returns (stop requested, time to save)."""
+        rows = self._agree([
+            window.loss_sum,
+            torch.as_tensor(window.counted, dtype=torch.float32),
+            window.first_bad_step(),
+            *self._skip_values(),
+            torch.tensor(float(self.stop_requested)),
+            torch.tensor(float(self.checkpointer.seconds_due())),
+        ])
+        self._count_skips([r[2:] for r in rows])
+        self._divergence(rows, first_bad_col=2, skip_run_col=3)
+        stop = any(r[5] for r in rows)
+        save_for_time = any(r[6] for r in rows)
         if window.steps == 0:
-            return
-        totals = torch.stack([window.loss_sum.float().reshape(()), torch.tensor(float(window.micro_batches), device=window.loss_sum.device)])
-        self.strategy.all_reduce_sum(totals)
-        loss = (totals[0] / totals[1]).item()
-        if not math.isfinite(loss) and self.cfg.train.precision != "fp16":
-            raise FloatingPointError(
-                f"training loss became {loss} at optimizer step {self.progress.optimizer_step}; lower optim.lr or set train.grad_clip"
-            )
-        elapsed = time.perf_counter() - window.start
+            return stop, save_for_time
+        counted = sum(r[1] for r in rows)
+        loss = sum(r[0] for r in rows) / counted if counted else float("nan")
+        elapsed = time.perf_counter() - window.start_time
         metrics = {
             "train/loss": loss,
             "train/lr": self.strategy.optimizer.param_groups[0]["lr"],
@@ -292,14 +392,18 @@ class Trainer:
             # Fractional progress through the data (1.0 = one full epoch), continuous across epoch ends.
             "train/epoch": self.progress.optimizer_step / self.data.train.steps_per_epoch,
         }
+        if self.skips is not None:
+            metrics["train/skipped_steps"] = float(self.progress.skipped_steps)
         if self.cfg.data.skip_bad_samples:
             metrics["train/skipped_samples"] = self.data.train.skipped_samples  # bad samples skipped so far, all ranks
         if torch.cuda.is_available() and self.strategy.device.type == "cuda":
             metrics["train/cuda_max_memory_mb"] = torch.cuda.max_memory_allocated(self.strategy.device) / 2**20
+            torch.cuda.reset_peak_memory_stats(self.strategy.device)  # each log line reports its own window's peak
         # The epoch this step belonged to (progress.epoch has already moved on after an epoch's last step).
         step_epoch = (self.progress.optimizer_step - 1) // self.data.train.steps_per_epoch
         self.console.log_line(self.progress.optimizer_step, step_epoch, metrics, bar)
         self.tracker.log(metrics, step=self.progress.optimizer_step)
+        return stop, save_for_time
 
     # ------------------------------------------------------------ evaluation
 
@@ -307,6 +411,7 @@ class Trainer:
     def evaluate(self) -> dict:
         """Exact over the whole eval split: sums are all-reduced, padding (weight 0) is not counted."""
         strategy = self.strategy
+        strategy.sync_buffers()  # BatchNorm statistics: every rank evaluates rank 0's model, the one saved and exported
         strategy.train_mode(False)
         device = strategy.device
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -338,13 +443,14 @@ class Trainer:
     # ------------------------------------------------------------ outputs
 
     def _write_outputs(self, summary: dict) -> None:
-        state = self.strategy.full_model_state_dict()  # collective: every rank takes part
+        self.strategy.sync_buffers()
+        state = self.strategy.full_model_state_dict()  # collective: every rank takes part; complete on the main process
         if self.dist_env.is_main:
             out = Path(self.cfg.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            # The tutorial's own format: model.load_state_dict(torch.load("model.pt")).
-            torch.save(state, out / "model.pt")
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            # The tutorial's own format: model.load_state_dict(torch.load("model.pt")). Atomic: a full disk
+            # leaves the previous file (or none), never a truncated one.
+            atomic_write(out / "model.pt", lambda f: torch.save(state, f))
+            atomic_write(out / "summary.json", json.dumps(summary, indent=2))
         self.strategy.barrier()
 
     def close(self) -> None:
@@ -353,18 +459,10 @@ class Trainer:
 
 
 def planned_total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    """train.epochs x steps per epoch, cut at train.max_steps; train.epochs=0 means max_steps alone decides."""
     by_epochs = cfg.train.epochs * steps_per_epoch
-    return min(by_epochs, cfg.train.max_steps) if cfg.train.max_steps else by_epochs
-
-
-class _Window:
-    """Running sums between two log lines; the loss stays on the device so no step forces a host sync."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.loss_sum = torch.zeros((), device=device)
-        self.micro_batches = 0
-        self.steps = 0
-        self.grad_norm: Any = 0.0
-        self.data_wait = 0.0
-        self.compute = 0.0
-        self.start = time.perf_counter()
+    if cfg.train.max_steps is None:
+        return by_epochs
+    if cfg.train.epochs <= 0:
+        return cfg.train.max_steps
+    return min(by_epochs, cfg.train.max_steps)

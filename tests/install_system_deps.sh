@@ -8,6 +8,8 @@ command -v slurmctld >/dev/null || need+=(slurmctld)
 command -v slurmd >/dev/null || need+=(slurmd)
 command -v sbatch >/dev/null || need+=(slurm-client)
 command -v munged >/dev/null || need+=(munge)
+# Open MPI's mpirun for tests/test_engines.py (a real `mpirun -np 2` run; dist_train itself needs no MPI library).
+command -v mpirun >/dev/null || need+=(openmpi-bin)
 if ((${#need[@]})); then
   if [ "$(id -u)" != 0 ]; then echo "install as root: ${need[*]}" >&2; exit 1; fi
   apt-get update -qq

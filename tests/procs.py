@@ -30,6 +30,14 @@ class Result:
         return self.stdout + self.stderr
 
 
+# Variables that launch engines set for the processes they start: torchrun, Slurm, accelerate, MPI (Open MPI,
+# MPICH/Intel MPI's Hydra, PMIx), Kubeflow (PET_*), SkyPilot. A test process inherits none of them.
+LAUNCHER_PREFIXES = (
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "SLURM_", "TORCHELASTIC", "ACCELERATE_", "GROUP_RANK", "LOCAL_WORLD_SIZE",
+    "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL", "PET_", "SKYPILOT_",
+)  # fmt: skip
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -38,7 +46,7 @@ def free_port() -> int:
 
 def clean_env(extra: Optional[dict] = None) -> dict:
     """The parent's environment minus launcher variables a test process must not inherit."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_", "SLURM_", "TORCHELASTIC", "ACCELERATE_", "GROUP_RANK", "LOCAL_WORLD_SIZE"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES)}
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
     env["WANDB_MODE"] = env.get("WANDB_MODE", "offline")
@@ -97,3 +105,19 @@ def worker(script: str, args: Sequence[str] = (), nproc: int = 2, timeout: float
     if nproc == 1:
         return run([sys.executable, str(path), *args], timeout=timeout, env=env, check=check)
     return torchrun([str(path), *args], nproc=nproc, timeout=timeout, env=env, check=check)
+
+
+def final_model(out: Path) -> dict:
+    """The plain state_dict a finished run leaves in OUT/model.pt."""
+    import torch
+
+    return torch.load(out / "model.pt", weights_only=True)
+
+
+def assert_same_parameters(a: dict, b: dict) -> None:
+    """Bit for bit: the same keys and torch.equal tensors."""
+    import torch
+
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

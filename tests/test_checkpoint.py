@@ -233,7 +233,7 @@ def _trainer(out: Path, *overrides: str) -> Trainer:
 
 
 def test_checkpoint_of_another_model_is_refused_naming_the_key(runs, tmp_path):
-    with pytest.raises(CheckpointError, match=r"written with model.name=mlp, this run has model.name=two_layer_net") as info:
+    with pytest.raises(ConfigError, match=r"written with model.name=mlp, this run has model.name=two_layer_net") as info:
         _trainer(tmp_path / "x").checkpointer.resume(str(runs["a"]), {})
     assert "set model.name=mlp" in str(info.value)
 
@@ -278,14 +278,14 @@ def test_keep_latest_incomplete_directories_and_explicit_paths(tmp_path):
 
 
 def test_interval_seconds_and_async_save_on_one_process(tmp_path):
-    trainer = _trainer(tmp_path / "run", "checkpoint.interval_seconds=30", "checkpoint.async_save=true")
-    checkpointer = trainer.checkpointer
-    assert checkpointer.maybe_save(1, trainer.stateful()) is None
-    checkpointer.last_save_time -= 60.0  # as if a minute had passed
-    assert checkpointer.maybe_save(2, trainer.stateful()) == _step_dir(tmp_path / "run", 2)
-    checkpointer.wait()
-    assert [p.name for p in complete_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-00000002"]
-    assert read_meta(_step_dir(tmp_path / "run", 2))["async_save"] is True
+    # Time-based saves are agreed at log steps (one all-gather there, no collective or host sync per step).
+    due = _trainer(tmp_path / "due", "checkpoint.interval_seconds=1e-9", "checkpoint.async_save=true", "checkpoint.save_at_end=false", "train.log_interval=2", "train.epochs=2", "train.max_steps=5")
+    due.fit()
+    assert [p.name for p in complete_checkpoints(tmp_path / "due" / "checkpoints")] == ["step-00000002", "step-00000004", "step-00000005"]
+    assert read_meta(_step_dir(tmp_path / "due", 2))["async_save"] is True
+    not_due = _trainer(tmp_path / "not_due", "checkpoint.interval_seconds=3600", "checkpoint.save_at_end=false", "train.log_interval=2", "train.epochs=2", "train.max_steps=5")
+    not_due.fit()
+    assert complete_checkpoints(tmp_path / "not_due" / "checkpoints") == []
 
 
 def test_loading_refuses_pickled_code_in_dcp_metadata(tmp_path):

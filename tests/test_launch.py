@@ -18,26 +18,15 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 
 from dist_train.cli import main as cli_main
-from tests.procs import REPO, clean_env, free_port, kill_group, run
+from tests.procs import REPO, assert_same_parameters, clean_env, final_model, free_port, kill_group, run
 from tests.workers.paced_model import TOTAL_STEPS
 from tests.workers.paced_model import TRAIN_ARGS as PACED
 
 CNN_SHORT = ["configs/cnn_digits.yaml", "train.max_steps=4", "train.log_interval=2", "train.progress_bar=false"]
 LAUNCH = [sys.executable, "-m", "dist_train", "launch"]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
-
-
-def _model(out: Path) -> dict:
-    return torch.load(out / "model.pt", weights_only=True)
-
-
-def _assert_same_parameters(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.fixture
@@ -133,7 +122,7 @@ def test_two_nodes_with_c10d_rendezvous(reference, tmp_path, start):
         assert proc.returncode == 0, output
     main_output = next(o for o in outputs if "launcher=torchrun rank=0/2" in o)
     assert "node=0/2" in main_output and f"done: {TOTAL_STEPS} optimizer steps" in main_output
-    _assert_same_parameters(_model(reference[0]), _model(out))
+    assert_same_parameters(final_model(reference[0]), final_model(out))
 
 
 @pytest.mark.slow
@@ -146,11 +135,11 @@ def test_max_restarts_resumes_after_a_rank_is_killed(reference, tmp_path, start)
     workers["1"].kill()
     output = _wait(proc, log, timeout=300)
     assert proc.returncode == 0, output
-    assert "restart 1 of this job (torchrun): train.resume=auto" in output
+    assert "restart 1 of this job (torchrun): continuing from the newest checkpoint of its run" in output
     resumed = re.search(r"resumed from \S+step-(\d+) at optimizer step (\d+)", output)
     assert resumed and int(resumed.group(1)) >= 10 and int(resumed.group(1)) % 10 == 0, output
     assert f"done: {TOTAL_STEPS} optimizer steps" in output
-    _assert_same_parameters(_model(reference[0]), _model(out))
+    assert_same_parameters(final_model(reference[0]), final_model(out))
 
 
 @pytest.mark.slow

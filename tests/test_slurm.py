@@ -114,3 +114,26 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches(cluster, referen
     assert reference.keys() == resumed.keys()
     for key in reference:
         assert torch.equal(reference[key], resumed[key]), key
+
+
+def test_batch_script_training_is_refused_and_an_srun_step_uses_its_own_counts(cluster, tmp_path):
+    """A 2-task allocation. Training started by the batch script itself would be one process of a job that asked
+    for two: refused in one line, nothing written. `srun --ntasks 1` inside it is a 1-process step although the
+    job's SLURM_NTASKS_PER_NODE still says 2 (the step's SLURM_STEP_* counts decide)."""
+    # A short collective timeout: a batch script wrongly taken for rank 0 of 2 would wait for a rank 1 that never comes.
+    short = ["configs/linear_regression.yaml", "train.max_steps=2", "train.progress_bar=false", "strategy.timeout_seconds=30"]
+    script, log = tmp_path / "job.sh", tmp_path / "job.log"
+    script.write_text(
+        "#!/bin/bash\n"
+        f'"$DIST_TRAIN_PYTHON" -m dist_train train {" ".join(short)} output_dir={tmp_path / "batch"}\n'
+        'echo "batch script exit $?"\n'
+        f'srun --ntasks=1 "$DIST_TRAIN_PYTHON" -m dist_train train {" ".join(short)} output_dir={tmp_path / "step"}\n'
+    )
+    job_id = cluster.sbatch(script, sbatch_args=["--nodes=1", "--ntasks-per-node=2", f"--output={log}", f"--chdir={REPO}"], env=_job_env())
+    info = cluster.wait_for_state(job_id, ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"], timeout=240)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", f"{info}\n{text}"
+    refused = re.search(r"dist-train: launch error: (.*)\n", text)
+    assert refused and "several processes were started" in refused.group(1) and "srun" in refused.group(1), text
+    assert "batch script exit 2" in text and not (tmp_path / "batch").exists()
+    assert "launcher=slurm rank=0/1" in text and "done: 2 optimizer steps" in text, text

@@ -88,6 +88,11 @@ def _identity(batch: Batch) -> Batch:
     return batch
 
 
+def worker_seed_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """A generator for a DataLoader's worker seeds, a function of (seed, epoch, rank) only."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 65_537 + rank)
+
+
 class MapStyleTrainLoader:
     """Yields, per optimizer step, the list of this rank's micro-batches; resumable at step granularity."""
 
@@ -138,17 +143,25 @@ class MapStyleTrainLoader:
 
     def __iter__(self) -> Iterator[list[Batch]]:
         start_step = self.samples_consumed // self.plan.global_batch_size
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=list(self._micro_batch_indices(start_step)),
-            collate_fn=_identity,
-            num_workers=self.num_workers,
-            persistent_workers=False,
-            pin_memory=self.dist_env.device.startswith("cuda"),  # lets the trainer's non_blocking copies overlap
-        )
+        micro_batches = self._micro_batch_indices(start_step)
+        if self.num_workers == 0:
+            batches: Iterator[Batch] = (self.dataset.__getitems__(indices) for indices in micro_batches)
+        else:
+            batches = iter(DataLoader(
+                self.dataset,
+                batch_sampler=list(micro_batches),
+                collate_fn=_identity,
+                num_workers=self.num_workers,
+                persistent_workers=False,
+                pin_memory=self.dist_env.device.startswith("cuda"),  # lets the trainer's non_blocking copies overlap
+                # Its own generator: a DataLoader otherwise draws its workers' base seed from the global
+                # torch generator each epoch, which a resumed run (new iterator after the RNG was restored)
+                # would draw at another point than the straight run, changing dropout from there on.
+                generator=worker_seed_generator(self.plan.seed, self.epoch, self.dist_env.global_rank),
+            ))
         accum = self.arithmetic.grad_accum_steps
         step_batches: list[Batch] = []
-        for micro_batch in loader:
+        for micro_batch in batches:
             step_batches.append(micro_batch)
             if len(step_batches) == accum:
                 # Count the step before handing it out: a checkpoint taken after this step resumes after it.

@@ -35,7 +35,7 @@ from ..env import DistEnv
 from ..models import ModelSpec
 from . import DataBundle
 from .agreement import StepAgreement
-from .loader import GlobalBatchPlan, MapStyleTrainLoader, _identity
+from .loader import GlobalBatchPlan, MapStyleTrainLoader, _identity, worker_seed_generator
 from .node_store import PassPlan, SharedShards, keys_or_placeholders, leave_pass, node_scratch
 from .remote import ShardCache, open_shard
 from .shards import MANIFEST, DataError, Manifest, Record, bad_sample_reasons, checked_records, close_shard_stream, decode_record
@@ -438,6 +438,7 @@ class StreamingTrainLoader(MapStyleTrainLoader):
         loader = DataLoader(
             dataset, batch_size=None, collate_fn=_identity, num_workers=self.num_workers, persistent_workers=False,
             pin_memory=self.dist_env.device.startswith("cuda"),
+            generator=worker_seed_generator(self.order.seed, self.epoch, self.dist_env.global_rank),  # not the global RNG: see loader.py
         )
         items = iter(loader)
         try:

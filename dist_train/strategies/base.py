@@ -19,13 +19,15 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import BatchArithmetic, Config, ConfigError
-from ..env import DistEnv
+from ..env import DistEnv, broadcast_from_main
 
 
 @dataclass
 class StepResult:
     grad_norm: Optional[torch.Tensor]  # global norm before clipping (0-dim tensor, no host sync); None if not asked for
-    skipped: bool  # fp16 overflow: the optimizer did not step (same answer on every rank)
+    # fp16 overflow: the optimizer did not step (same answer on every rank). A bool, or a 0-dim bool tensor
+    # on the device where reading it would cost a host sync every step (DDP's GradScaler).
+    skipped: Any
 
 
 def autocast_dtype(precision: str) -> Optional[torch.dtype]:
@@ -72,6 +74,11 @@ class Strategy(ABC):
     @abstractmethod
     def unwrapped_model(self) -> nn.Module:
         """The user's nn.Module (its state_dict keys are the tutorial's)."""
+
+    @property
+    def wants_fused_optimizer(self) -> bool:
+        """True when the optimizer should be built with fused kernels (see optim.build_optimizer)."""
+        return False
 
     @property
     def steps_scheduler(self) -> bool:
@@ -124,12 +131,33 @@ class Strategy(ABC):
         if self.dist_env.distributed:
             dist.barrier()
 
-    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+    def broadcast_object(self, obj: Any) -> Any:
+        """The main process's `obj` on every rank."""
+        return broadcast_from_main(obj, self.dist_env)
+
+    def all_gather_rows(self, vector: torch.Tensor) -> torch.Tensor:
+        """Every rank's 1-D `vector` stacked: row r is rank r's. One collective for many per-rank facts."""
         if not self.dist_env.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
+            return vector.unsqueeze(0)
+        rows = [torch.empty_like(vector) for _ in range(self.dist_env.world_size)]
+        dist.all_gather(rows, vector.contiguous())  # the list form: gloo has no all_gather_into_tensor
+        return torch.stack(rows)
+
+    def sync_buffers(self) -> None:
+        """Collective: rank 0's buffers (BatchNorm running statistics) on every rank.
+
+        Each rank updates its BatchNorm statistics from its own micro-batches, so the replicas drift apart
+        between two training forwards (DDP broadcasts rank 0's buffers only at the start of each). Called
+        where one model is observed (evaluation, checkpoint, export), so all three describe rank 0's model;
+        training is unchanged, since the next forward would broadcast rank 0's buffers anyway."""
+        if not self.dist_env.distributed:
+            return
+        for buffer in self.unwrapped_model.buffers():
+            dist.broadcast(buffer, src=0)
+
+    def local_parameters(self) -> list[torch.Tensor]:
+        """The parameter data this rank holds (for the finiteness check before a save)."""
+        return list(self.unwrapped_model.parameters())
 
     # ------------------------------------------------------------ checkpoints
 
@@ -146,7 +174,8 @@ class Strategy(ABC):
 
     @abstractmethod
     def full_model_state_dict(self) -> dict[str, torch.Tensor]:
-        """Collective: the complete model state_dict on CPU (tutorial keys), valid on the main process."""
+        """Collective: the complete model state_dict on CPU (tutorial keys) on the main process; other ranks
+        may get an empty dict (only the main process writes model.pt, so only it copies the model)."""
 
     def teardown(self) -> None:
         """Release backend resources (the process group is destroyed by the caller)."""

@@ -10,13 +10,25 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..config import ConfigError
 from .base import StepResult, Strategy
 
 
 class DDPStrategy(Strategy):
     name = "ddp"
 
+    def __init__(self, cfg: Any, dist_env: Any, arithmetic: Any) -> None:
+        super().__init__(cfg, dist_env, arithmetic)
+        if cfg.strategy.sync_batchnorm and self.device.type != "cuda":
+            raise ConfigError(
+                "strategy.sync_batchnorm=true needs CUDA (torch's SyncBatchNorm has no CPU kernel); on CPU set it to false: "
+                "each rank then normalises its own micro-batch and rank 0's running statistics are the ones evaluated, saved and exported"
+            )
+
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        if self.cfg.strategy.sync_batchnorm and self.dist_env.distributed:
+            # Same parameters and buffers, so the optimizer built over the model's parameters still applies.
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(self.device)
         self._module = model
         if self.dist_env.distributed:
@@ -35,6 +47,10 @@ class DDPStrategy(Strategy):
     @property
     def unwrapped_model(self) -> nn.Module:
         return self._module
+
+    @property
+    def wants_fused_optimizer(self) -> bool:
+        return self.cfg.train.precision == "fp16"  # GradScaler.step then skips on the device, without a sync
 
     def accumulation_context(self, is_last_micro_batch: bool) -> ContextManager:
         if self.dist_env.distributed and not is_last_micro_batch:
@@ -56,12 +72,14 @@ class DDPStrategy(Strategy):
             grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.train.grad_clip).detach()
         elif compute_grad_norm:
             grad_norm = total_grad_norm(self._params)
-        skipped = False
+        skipped: Any = False
         if self.scaler.is_enabled():
-            scale_before = self.scaler.get_scale()
+            # The flag GradScaler itself skips on, kept on the device: get_scale() before and after the step
+            # would read the scale on the host twice a step.
+            found_inf = scaler_found_inf(self.scaler, self.optimizer)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            skipped = self.scaler.get_scale() < scale_before
+            skipped = found_inf > 0
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -80,7 +98,20 @@ class DDPStrategy(Strategy):
         dcp_load(self, directory, extra_state)
 
     def full_model_state_dict(self) -> dict[str, torch.Tensor]:
+        # Every DDP replica holds the whole model, so no rank waits on another: only the main process copies.
+        if not self.dist_env.is_main:
+            return {}
         return {k: v.detach().to("cpu", copy=True) for k, v in self._module.state_dict().items()}
+
+
+def scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """After `scaler.unscale_(optimizer)`: 1 if any gradient was inf/nan, else 0, as a tensor on the device.
+
+    GradScaler keeps the flag per device in its per-optimizer state (private since torch 1.6, unchanged in
+    2.x); summing it there is what GradScaler.step and update do themselves.
+    """
+    per_device = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+    return sum(per_device.values()).reshape(())
 
 
 def total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, load_side_state, read_meta, save_side_state
 from ..config import BatchArithmetic, Config, ConfigError
-from .base import StepResult, Strategy, check_precision_supported
+from .base import StepResult, Strategy, autocast_dtype, check_precision_supported
 
 # DeepSpeed's files live in <step dir>/zero/ (its "tag"); one fixed tag so export and resume need no `latest` file.
 CHECKPOINT_TAG = "zero"
@@ -87,6 +87,10 @@ def build_deepspeed_config(cfg: Config, arithmetic: BatchArithmetic, user: Optio
             f"{source} {leftover[0]}=auto: dist_train fills auto only for the batch sizes, accumulation, gradient_clipping, "
             f"bf16/fp16, zero_optimization.stage and optimizer/scheduler lr, betas, eps, weight_decay, warmup; give {leftover[0]} a value"
         )
+    if precision != "fp32" and hasattr(deepspeed.runtime.constants, "BUFFER_DTYPE"):
+        # DeepSpeed >= 0.18 casts only the parameters and leaves buffers fp32, so a BatchNorm (ResNet-18) gets
+        # bf16 weights with fp32 running stats and refuses to run; older DeepSpeed cast the whole module.
+        ds.setdefault("data_types", {}).setdefault("buffer_dtype", precision)
     # dist_train hands ZeRO the user's torch optimizer (SGD included), which DeepSpeed otherwise refuses as "untested".
     ds.setdefault("zero_allow_untested_optimizer", True)
     return ds
@@ -145,10 +149,13 @@ class DeepSpeedStrategy(Strategy):
                 "loss-scaling path; set train.precision=bf16 or fp32"
             )
         check_precision_supported(precision, self.device)
+        if cfg.strategy.sync_batchnorm:
+            raise ConfigError("strategy.sync_batchnorm=true is a DDP option; with strategy.name=deepspeed set it to false")
         path = cfg.strategy.deepspeed_config
         user = load_user_config(path) if path else None
         self.ds_config = build_deepspeed_config(cfg, arithmetic, user, source=path or "")
         self.engine: Any = None
+        self._input_cast: Any = None  # the forward pre-hook casting inputs to bf16/fp16
         self._own_process_group = False
         self._saved_environ: dict[str, Optional[str]] = {}
 
@@ -179,6 +186,9 @@ class DeepSpeedStrategy(Strategy):
         self.engine = self.model = engine
         self.optimizer = ds_optimizer
         self.scheduler = ds_scheduler
+        compute_dtype = autocast_dtype(self.cfg.train.precision)
+        if compute_dtype is not None:
+            self._input_cast = engine.module.register_forward_pre_hook(_cast_floating_inputs(compute_dtype))
 
     def _join_process_group(self) -> None:
         """DeepSpeed must use the group dist_train already joined (gloo on CPU, NCCL on CUDA), never its own."""
@@ -214,6 +224,11 @@ class DeepSpeedStrategy(Strategy):
 
     # ------------------------------------------------------------ the loop
 
+    def autocast(self) -> ContextManager:
+        # bf16/fp16.enabled: the engine has cast the module itself and the inputs are cast to match (as its
+        # fp16.auto_cast does); torch autocast on top would re-cast every op's inputs for nothing.
+        return contextlib.nullcontext()
+
     def accumulation_context(self, is_last_micro_batch: bool) -> ContextManager:
         return contextlib.nullcontext()  # DeepSpeed reduces gradients only at its accumulation boundary
 
@@ -238,6 +253,11 @@ class DeepSpeedStrategy(Strategy):
 
     def train_mode(self, training: bool) -> None:
         self.engine.train(training)
+
+    def local_parameters(self) -> list[torch.Tensor]:
+        # Under ZeRO-3 a module parameter is an empty placeholder; this rank's partition is its ds_tensor.
+        params = list(self.engine.module.parameters())
+        return [getattr(p, "ds_tensor", p) for p in params]
 
     # ------------------------------------------------------------ checkpoints
 
@@ -269,17 +289,22 @@ class DeepSpeedStrategy(Strategy):
         gather: ContextManager = contextlib.nullcontext()
         if self.engine.zero_optimization_stage() == 3:
             gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+        # The gathers are collective; only the main process, which writes model.pt, copies to CPU.
+        keep = self.dist_env.is_main
         with gather:
-            state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+            state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()} if keep else {}
         if self.cfg.train.precision != "fp32":
             # The weights the module holds are bf16/fp16 copies; the optimizer's fp32 masters are the trained ones.
             for name, param in module.named_parameters():
                 master = deepspeed.utils.safe_get_full_fp32_param(param)  # collective under ZeRO
-                if master is not None and name in state:
+                if keep and master is not None and name in state:
                     state[name] = master.detach().to("cpu", copy=True)
         return {k: v.to(self._state_dtypes.get(k, v.dtype)) for k, v in state.items()}
 
     def teardown(self) -> None:
+        if self._input_cast is not None:
+            self._input_cast.remove()
+            self._input_cast = None
         if self.engine is not None:
             self.engine.destroy()  # releases ZeRO-3's hooks and buffers
             self.engine = None
@@ -292,6 +317,13 @@ class DeepSpeedStrategy(Strategy):
             else:
                 os.environ[key] = value
         self._saved_environ.clear()
+
+
+def _cast_floating_inputs(dtype: torch.dtype) -> Any:
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+    return hook
 
 
 # ---------------------------------------------------------------- export

@@ -26,7 +26,7 @@ def main() -> None:
     trainer = None
     try:
         trainer = Trainer.build(cfg, dist_env)
-        path = trainer.checkpointer.resume(cfg.train.resume, trainer.stateful())
+        path, _ = trainer.checkpointer.resume(cfg.train.resume, trainer.stateful())
         rng_after_load = torch.get_rng_state()
         model_state, optim_state = get_state_dict(trainer.strategy.unwrapped_model, trainer.strategy.optimizer)
         loader = trainer.data.train
