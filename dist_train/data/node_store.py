@@ -32,12 +32,21 @@ from .remote import ShardCache, file_lock, open_shard, sha_mismatch
 from .shards import DataError, Manifest, bad_sample_reasons, checked_records, close_shard_stream, decode_record
 
 
-def node_scratch(cache_dir: Optional[str]) -> Path:
-    """Where a node's decoded shards live: data.cache_dir if set, else shared memory, else the temp folder."""
+def node_scratch(cache_dir: Optional[str], room_needed: int) -> Path:
+    """Where a node's decoded shards live: data.cache_dir if set, else shared memory if it has `room_needed`
+    bytes free (containers often mount a 64 MB /dev/shm), else the temp folder."""
     if cache_dir:
         return Path(cache_dir) / "decoded"
     shm = Path("/dev/shm")
-    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= room_needed:
+        return shm
+    return Path(tempfile.gettempdir())
+
+
+def decoded_shard_bytes(manifest: Manifest) -> int:
+    """The largest shard's inputs as the store holds them (uint8 images, float32 vectors)."""
+    per_sample = int(np.prod(manifest.shape)) * (1 if manifest.kind == "image" else 4)
+    return max(s.count for s in manifest.shards) * per_sample
 
 
 @dataclass(frozen=True)

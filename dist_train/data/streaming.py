@@ -36,7 +36,7 @@ from ..models import ModelSpec
 from . import DataBundle
 from .agreement import StepAgreement
 from .loader import GlobalBatchPlan, MapStyleTrainLoader, _identity, worker_seed_generator
-from .node_store import PassPlan, SharedShards, keys_or_placeholders, leave_pass, node_scratch
+from .node_store import PassPlan, SharedShards, decoded_shard_bytes, keys_or_placeholders, leave_pass, node_scratch
 from .remote import ShardCache, open_shard
 from .shards import MANIFEST, DataError, Manifest, Record, bad_sample_reasons, checked_records, close_shard_stream, decode_record
 from .sources import SourceData, Split, check_compatible
@@ -605,7 +605,8 @@ def build_streaming(cfg: Config, spec: ModelSpec, arithmetic: BatchArithmetic, d
     order = StreamOrder(tuple(s.count for s in train.manifest.shards), cfg.train.seed, cfg.data.shuffle, cfg.data.shuffle_window)
     train_loader = StreamingTrainLoader(
         train, order, arithmetic, dist_env, cfg.data.num_workers, spec.input_shape, cfg.data.skip_bad_samples,
-        node_scratch(cfg.data.cache_dir), job_token(dist_env),
+        # Room for a few decoded shards: the store holds those between the node's slowest and fastest consumer.
+        node_scratch(cfg.data.cache_dir, 4 * decoded_shard_bytes(train.manifest)), job_token(dist_env),
     )
     eval_loader = StreamingEvalLoader(test, max(arithmetic.micro_batch_size, 256), dist_env, spec.input_shape, cfg.data.skip_bad_samples)
     return DataBundle(train_loader, eval_loader, train.num_samples, test.num_samples)
