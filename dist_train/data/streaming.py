@@ -374,9 +374,10 @@ class StreamingTrainLoader(MapStyleTrainLoader):
     Counters: `decoded_records` and `bytes_read` (this rank's DataLoader workers, since construction) show
     that each record is read once per node per epoch; `skipped_samples` counts bad samples skipped over
     all ranks (all-reduced with the step verdict; this rank's own count when there is no process group).
-    A micro-batch that lost bad samples arrives shorter than `train.micro_batch_size` (empty, if it lost
-    all); `step_samples_kept` is, for the step just handed out, the samples of the global batch kept over
-    all ranks: the denominator of a loss that is the mean over the samples actually used.
+    A micro-batch that lost bad samples arrives shorter than `train.micro_batch_size` (one that would lose
+    all of them stops every rank instead); `step_samples_kept` is, for the step just handed out, the samples
+    of the global batch kept over all ranks: the denominator of a loss that is the mean over the samples
+    actually used.
     """
 
     def __init__(self, source: ShardSource, order: StreamOrder, arithmetic: BatchArithmetic, dist_env: DistEnv, num_workers: int, input_shape: tuple[int, ...], skip_bad: bool, scratch: Path, job_token: str) -> None:
