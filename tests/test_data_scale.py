@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -99,7 +100,24 @@ def test_one_rank_decodes_and_reads_each_record_once_per_epoch(tmp_path, num_wor
         assert sum(1 for _ in train) == N_TRAIN // 20
     records, size = manifest_totals(root)
     assert (train.decoded_records, train.bytes_read) == (2 * records, 2 * size)
-    assert not list(Path("/dev/shm").glob(f"dist_train-{train.job_token}-*")), "the pass folders must be gone"
+    assert not list(train.scratch.glob(f"dist_train-{train.job_token}-*")), "the pass folders must be gone"
+
+
+def test_a_pass_folder_left_by_a_killed_job_is_removed_by_the_next_pass(tmp_path):
+    root = write_set(tmp_path / "shards", image_splits())
+    train = bundle(root, 1, 0).train
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    stale = train.scratch / "dist_train-killedjob-node0-e0-s0-p1"
+    (stale / "shard-0").mkdir(parents=True)
+    (stale / "owners").write_text(dead.stdout)
+    being_created = train.scratch / "dist_train-newjob-node0-e0-s0-p1"  # no owners file yet: left alone
+    being_created.mkdir()
+    try:
+        next(iter(train))
+        assert not stale.exists() and being_created.exists()
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(being_created, ignore_errors=True)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda:0", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])

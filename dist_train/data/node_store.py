@@ -284,6 +284,37 @@ def keys_or_placeholders(raw: dict, count: int) -> list[str]:
     return [f"{raw['__key__']}#{i}" for i in range(count)]
 
 
+PASS_PREFIX = "dist_train-"
+
+
+def enter_pass(directory: Path) -> None:
+    """Called by each rank's main process before its workers start: the folder, and this process as one of its owners.
+
+    Folders whose owners are all gone (a job killed with SIGKILL never left its pass) are removed first;
+    a folder without an owners file yet is being created and is left alone.
+    """
+    for folder in directory.parent.glob(f"{PASS_PREFIX}*"):
+        try:
+            pids = [int(pid) for pid in (folder / "owners").read_text().split()]
+        except (OSError, ValueError):
+            continue
+        if pids and not any(_alive(pid) for pid in pids):
+            shutil.rmtree(folder, ignore_errors=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "owners", "a") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
 def leave_pass(directory: Path, node_ranks: int) -> None:
     """Called by each rank's main process when its pass ends (or is abandoned); the node's last one removes the folder."""
     if not directory.is_dir():

@@ -36,7 +36,7 @@ from ..models import ModelSpec
 from . import DataBundle
 from .agreement import StepAgreement
 from .loader import GlobalBatchPlan, MapStyleTrainLoader, _identity, worker_seed_generator
-from .node_store import PassPlan, SharedShards, decoded_shard_bytes, keys_or_placeholders, leave_pass, node_scratch
+from .node_store import PASS_PREFIX, PassPlan, SharedShards, decoded_shard_bytes, enter_pass, keys_or_placeholders, leave_pass, node_scratch
 from .remote import ShardCache, open_shard
 from .shards import MANIFEST, DataError, Manifest, Record, bad_sample_reasons, checked_records, close_shard_stream, decode_record
 from .sources import SourceData, Split, check_compatible
@@ -415,7 +415,7 @@ class StreamingTrainLoader(MapStyleTrainLoader):
     def pass_plan(self, start_step: int) -> PassPlan:
         self.passes += 1
         node_ranks = self.node_ranks()
-        name = f"dist_train-{self.job_token}-node{node_ranks[0]}-e{self.epoch}-s{start_step}-p{self.passes}"
+        name = f"{PASS_PREFIX}{self.job_token}-node{node_ranks[0]}-e{self.epoch}-s{start_step}-p{self.passes}"
         return PassPlan(
             self.source.manifest, self.source.urls, self.source.cache, tuple(int(i) for i in self.order.shard_order(self.epoch)),
             self.order.window, start_step, self.steps_per_epoch,
@@ -431,7 +431,7 @@ class StreamingTrainLoader(MapStyleTrainLoader):
 
         start_step = self.samples_consumed // self.plan.global_batch_size
         plan = self.pass_plan(start_step)
-        plan.directory.mkdir(parents=True, exist_ok=True)
+        enter_pass(plan.directory)
         dataset = RankEpochStream(plan, plan.consumers_per_shard(), self.order, self.epoch, self.dist_env.global_rank, self.input_shape, self.skip_bad, with_keys)
         # batch_size=None: the dataset yields whole micro-batches, so nothing re-batches (or re-splits) them;
         # no collate either: default_convert would walk every sample key. Pinned pages only on CUDA, where
