@@ -26,6 +26,7 @@ class StepAgreement:
 
     def __init__(self, group: Optional[object]) -> None:
         self.group = group  # None: a single process (or ranks without a process group): local verdicts
+        self.in_flight: list = []  # started, not yet finished: a pass that ends early leaves one behind
 
     @property
     def collective(self) -> bool:
@@ -41,13 +42,26 @@ class StepAgreement:
         """Start agreeing on a group of steps: this rank's problem (if any) and its samples skipped per step."""
         verdict = torch.tensor([int(problem is not None), *skipped], dtype=torch.int64)
         work = dist.all_reduce(verdict, group=self.group, async_op=True) if self.group is not None else None
+        if work is not None:
+            self.in_flight.append(work)
         return verdict, work, problem
+
+    def settle(self) -> None:
+        """Wait for the reductions a pass started but never finished (every rank started them), so none is
+        still in flight when the pass, or the process group, goes away."""
+        while self.in_flight:
+            work = self.in_flight.pop()
+            try:
+                work.wait()
+            except RuntimeError:
+                pass  # a rank is gone; its own error is the one that matters
 
     def finish(self, pending: tuple) -> list[int]:
         """Samples skipped per step of the group over all ranks; raises the first rank's problem on every rank."""
         verdict, work, problem = pending
         if work is not None:
             work.wait()
+            self.in_flight.remove(work)
         if int(verdict[0]) == 0:
             return verdict[1:].tolist()
         if self.group is None:

@@ -452,6 +452,7 @@ class StreamingTrainLoader(MapStyleTrainLoader):
                 shutdown()
             del items
             leave_pass(plan.directory, len(plan.node_ranks))
+            self.agreement.settle()
 
     def _agreed_steps(self, items: Iterator, start_step: int, group_steps: int) -> Iterator[list]:
         """Steps go out in groups of `group_steps` (the same on every rank), a group once every rank's verdict on
