@@ -324,6 +324,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.test_fraction must be between 0 and 1, got {cfg.data.test_fraction}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    from .strategies import STRATEGIES  # the registry: a new backend is known by its registration line
+
+    if cfg.strategy.name not in STRATEGIES:
+        raise ConfigError(f"strategy.name={cfg.strategy.name!r} is not allowed; set strategy.name to one of: {' | '.join(STRATEGIES)}")
     if cfg.strategy.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"strategy.zero_stage must be 1, 2 or 3, got {cfg.strategy.zero_stage}")
     if t.max_consecutive_skipped_steps < 1:
