@@ -247,6 +247,7 @@ class Trainer:
             "epochs_completed": self.progress.epoch,
             "samples_seen": self.progress.samples_seen,
             "skipped_steps": self.progress.skipped_steps,
+            "skipped_samples": self.data.train.skipped_samples,  # bad samples skipped under data.skip_bad_samples, all ranks
             "train_seconds": elapsed,
             "samples_per_second": (self.progress.samples_seen - start_samples) / max(elapsed, 1e-9),
             "world_size": self.dist_env.world_size,
@@ -400,6 +401,8 @@ class Trainer:
         }
         if self.skips is not None:
             metrics["train/skipped_steps"] = float(self.progress.skipped_steps)
+        if self.cfg.data.skip_bad_samples:
+            metrics["train/skipped_samples"] = self.data.train.skipped_samples  # bad samples skipped so far, all ranks
         if torch.cuda.is_available() and self.strategy.device.type == "cuda":
             metrics["train/cuda_max_memory_mb"] = torch.cuda.max_memory_allocated(self.strategy.device) / 2**20
             torch.cuda.reset_peak_memory_stats(self.strategy.device)  # each log line reports its own window's peak
