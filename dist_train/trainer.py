@@ -319,16 +319,21 @@ class Trainer:
         if self.strategy.device.type == "cuda":
             torch.cuda.manual_seed(seed)  # this rank's device only
 
-    def _sample_weight(self, step_batches: list) -> Optional[torch.Tensor]:
+    def _sample_weight(self, step_batches: list) -> Any:
         """With data.skip_bad_samples a micro-batch may be short. Its mean loss then weighs by the samples it
-        kept, so the step's gradient is the mean over the samples actually used on all ranks. Costs one
-        small all-reduce per step, so only when skipping is on; None means every micro-batch is full."""
+        kept, so the step's gradient is the mean over the samples actually used on all ranks. The streaming
+        loader already agreed on that count (its bad-sample verdict is all-reduced); otherwise it costs one
+        small all-reduce per step, so only when skipping is on. None means every micro-batch is full."""
         if not self.cfg.data.skip_bad_samples:
             return None
+        # The strategy divides by the accumulation steps and DDP averages over ranks: undo both.
+        scale = self.dist_env.world_size * self.arithmetic.grad_accum_steps
+        kept_by_loader = getattr(self.data.train, "step_samples_kept", None)
+        if kept_by_loader is not None:
+            return scale / kept_by_loader
         kept = torch.tensor([float(sum(batch_size(batch) for batch in step_batches))], device=self.strategy.device)
         self.strategy.all_reduce_sum(kept)
-        # The strategy divides by the accumulation steps and DDP averages over ranks: undo both.
-        return (self.dist_env.world_size * self.arithmetic.grad_accum_steps) / kept[0]
+        return scale / kept[0]
 
     def _agree(self, values: list[torch.Tensor]) -> list[list[float]]:
         """One all-gather of per-rank scalars (one host sync): row r holds rank r's values."""
