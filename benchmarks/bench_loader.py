@@ -3,10 +3,14 @@
   python benchmarks/bench_loader.py [--samples 20000] [--micro-batch 64] [--dir /tmp/bench_loader]
 
 1. layout: reading shards with plain webdataset stages, one sample per tar member vs many per record.
-2. loader: one epoch (world size 1) of `StreamingTrainLoader` vs `MapStyleTrainLoader` with the same
-   DataLoader settings (micro-batch, 0 / 1 / 2 workers); samples/s and the ratio (target >= 0.9).
+2. loader: one epoch of `StreamingTrainLoader` vs `MapStyleTrainLoader` with the same DataLoader settings
+   (micro-batch, 0 / 1 / 2 workers), at 1 rank and at 2 ranks (torchrun, gloo), in interleaved rounds:
+   the job's samples/s and the ratio (target >= 1.0 with workers), records decoded per record of the
+   split and bytes read per epoch over all ranks (target 1.0 and the split's size), the workers' peak RSS
+   and private memory.
 3. cnn: the tutorial CNN trained from the streaming loader (2 workers); the fraction of step time spent
    waiting for the next batch (target < 5%).
+4. read volume: what a large job (64 ranks x 8 workers) reads per epoch, old scheme vs new, computed.
 
 Prints a table and writes benchmarks/results/loader.json.
 """
@@ -16,7 +20,11 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import shutil
+import statistics
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -26,7 +34,7 @@ import torch
 
 from dist_train.config import batch_arithmetic, load_config
 from dist_train.data.loader import build_map_style
-from dist_train.data.shards import write_split
+from dist_train.data.shards import MANIFEST, Manifest, write_split
 from dist_train.data.sources import Split
 from dist_train.data.streaming import build_streaming
 from dist_train.env import DistEnv
@@ -89,37 +97,157 @@ def bench_layout(root: Path, split: Split) -> list[dict]:
 # ---------------------------------------------------------------- 2. loaders
 
 
-def _cfg(root: Path, micro: int, workers: int, extra: tuple[str, ...] = ()):
+def _cfg(root: Path, micro: int, workers: int, world_size: int = 1, extra: tuple[str, ...] = ()):
     return load_config(None, [
-        "model.name=cnn", "data.source=shards", f"data.path={root}", f"train.global_batch_size={micro}",
+        "model.name=cnn", "data.source=shards", f"data.path={root}", f"train.global_batch_size={micro * world_size}",
         f"train.micro_batch_size={micro}", f"data.num_workers={workers}", *extra,
     ])
 
 
-def epoch_rate(loader) -> float:
+def worker_memory() -> tuple[float, float]:
+    """Largest peak RSS and largest private memory (MB) among this process's children (the DataLoader workers)."""
+    peak = private = 0.0
+    for children in Path("/proc/self/task").glob("*/children"):
+        for pid in children.read_text().split():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            except OSError:
+                continue  # exited meanwhile
+            fields = {line.split(":")[0]: line.split()[1] for line in (status + rollup).splitlines() if line.split()[1:]}
+            peak = max(peak, int(fields.get("VmHWM", 0)) / 1024)
+            private = max(private, (int(fields.get("Private_Clean", 0)) + int(fields.get("Private_Dirty", 0))) / 1024)
+    return peak, private
+
+
+def epoch_run(loader, barrier=lambda: None) -> dict:
+    """One epoch of this rank's loader: samples/s and, sampled as it runs, the workers' memory."""
     loader.set_epoch(loader.epoch + 1)
-    start, count = time.perf_counter(), 0
+    counters = (getattr(loader, "decoded_records", 0), getattr(loader, "bytes_read", 0))
+    barrier()
+    start, count, steps = time.perf_counter(), 0, 0
+    peak = private = 0.0
     for step in loader:
         count += sum(len(targets) for _, targets in step)
-    return count / (time.perf_counter() - start)
+        steps += 1
+        if steps % 25 == 1 or steps == loader.steps_per_epoch:
+            peak, private = (max(a, b) for a, b in zip((peak, private), worker_memory()))
+    seconds = time.perf_counter() - start
+    barrier()
+    return {
+        "samples": count, "seconds": seconds, "worker_peak_rss_mb": peak, "worker_private_mb": private,
+        "decoded_records": getattr(loader, "decoded_records", 0) - counters[0], "bytes_read": getattr(loader, "bytes_read", 0) - counters[1],
+    }
 
 
-def bench_loaders(root: Path, train: Split, test: Split, micro: int, repeats: int) -> list[dict]:
+def rank_loaders(root: Path, train: Split, test: Split, micro: int, workers: int, dist_env: DistEnv):
+    cfg = _cfg(root, micro, workers, dist_env.world_size)
+    arithmetic = batch_arithmetic(cfg.train, dist_env.world_size)
+    spec = model_spec(cfg.model)
+    streaming = build_streaming(cfg, spec, arithmetic, dist_env).train
+    in_memory, _ = build_map_style(train, test, spec.input_shape, True, arithmetic, dist_env, 0, True, workers)
+    return {"in_memory": in_memory, "streaming": streaming}
+
+
+def rank_rounds(root: Path, train: Split, test: Split, micro: int, repeats: int, dist_env: DistEnv, barrier=lambda: None) -> list[dict]:
+    """Per worker count, `repeats` interleaved rounds (in-memory, then streaming) on this rank."""
     rows = []
     for workers in (0, 1, 2):
-        cfg = _cfg(root, micro, workers)
-        arithmetic = batch_arithmetic(cfg.train, 1)
-        spec = model_spec(cfg.model)
-        streaming = build_streaming(cfg, spec, arithmetic, DistEnv()).train
-        in_memory, _ = build_map_style(train, test, spec.input_shape, True, arithmetic, DistEnv(), 0, True, workers)
-        rates = {"streaming": [], "in_memory": []}
-        for _ in range(repeats):  # interleaved, so load changes on a shared machine hit both alike
-            rates["in_memory"].append(epoch_rate(in_memory))
-            rates["streaming"].append(epoch_rate(streaming))
-        best = {k: max(v) for k, v in rates.items()}
-        rows.append({"num_workers": workers, "micro_batch": micro, "in_memory_samples_per_second": best["in_memory"],
-                     "streaming_samples_per_second": best["streaming"], "ratio": best["streaming"] / best["in_memory"]})
+        loaders = rank_loaders(root, train, test, micro, workers, dist_env)
+        rounds = [{name: epoch_run(loader, barrier) for name, loader in loaders.items()} for _ in range(repeats)]
+        rows.append({"num_workers": workers, "rounds": rounds})
     return rows
+
+
+def summarize(ranks: list[list[dict]], manifest: Manifest) -> list[dict]:
+    """Job-wide figures per worker count from every rank's rounds: samples/s of the slowest rank, reads summed."""
+    records = sum(len(manifest.records_in(s)) for s in manifest.shards)
+    size = sum(s.bytes for s in manifest.shards)
+    rows = []
+    for w, per_worker in enumerate(zip(*ranks)):
+        rate = {name: [] for name in ("in_memory", "streaming")}
+        for rounds in zip(*(r["rounds"] for r in per_worker)):
+            for name in rate:
+                rate[name].append(sum(r[name]["samples"] for r in rounds) / max(r[name]["seconds"] for r in rounds))
+        ratios = [s / m for s, m in zip(rate["streaming"], rate["in_memory"])]
+        last = [r["rounds"][-1]["streaming"] for r in per_worker]
+        rows.append({
+            "ranks": len(ranks), "num_workers": per_worker[0]["num_workers"],
+            "in_memory_samples_per_second": max(rate["in_memory"]), "streaming_samples_per_second": max(rate["streaming"]),
+            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "decodes_per_record": sum(r["decoded_records"] for r in last) / records,
+            "bytes_read_per_epoch": sum(r["bytes_read"] for r in last), "dataset_bytes": size,
+            "streaming_worker_peak_rss_mb": max(r["worker_peak_rss_mb"] for r in last),
+            "streaming_worker_private_mb": max(r["worker_private_mb"] for r in last),
+            "in_memory_worker_peak_rss_mb": max(r["rounds"][-1]["in_memory"]["worker_peak_rss_mb"] for r in per_worker),
+        })
+    return rows
+
+
+def two_rank_rounds(args, root: Path) -> list[list[dict]]:
+    """The same rounds under torchrun with 2 processes (gloo), each rank's rows gathered from its JSON."""
+    out = root / "ranks"
+    out.mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()), __file__,
+           "--rank-job", str(out), "--samples", str(args.samples), "--micro-batch", str(args.micro_batch), "--repeats", str(args.repeats), "--dir", str(root)]
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
+
+
+def rank_job(args) -> None:
+    import torch.distributed as dist
+
+    from dist_train.env import detect_environment
+
+    dist_env = detect_environment()
+    dist.init_process_group("gloo")
+    root = Path(args.dir)
+    train, test = make_split(args.samples, "train"), make_split(1000, "test")
+    rows = rank_rounds(root / "shards", train, test, args.micro_batch, args.repeats, dist_env, barrier=dist.barrier)
+    Path(args.rank_job, f"rank-{dist_env.global_rank}.json").write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- 4. read volume of a large job, computed
+
+
+def read_volume(world_size: int, workers: int, ranks_per_node: int, samples: int, sample_bytes: int, micro: int, window: int, per_record: int) -> dict:
+    """Bytes read per epoch by the old scheme (every worker reads each window it draws from) and the new one (once per node).
+
+    The old count is exact for its reading pattern: a worker decodes every record overlapping a window it
+    draws samples from, each once (windows are read in order); the sum runs over every rank and worker.
+    """
+    global_batch = micro * world_size
+    steps = samples // global_batch
+    records_touched = 0
+    for rank in range(world_size):
+        per_worker: list[set] = [set() for _ in range(workers)]
+        for step in range(steps):
+            start = step * global_batch + rank * micro
+            for j in range(start // window, (start + micro - 1) // window + 1):
+                per_worker[step % workers].add(j)
+        for windows in per_worker:
+            records = set()
+            for j in windows:
+                lo, hi = j * window, min((j + 1) * window, samples) - 1
+                records.update(range(lo // per_record, hi // per_record + 1))  # shards hold whole records
+            records_touched += len(records)
+    total_records = -(-samples // per_record)
+    nodes = -(-world_size // ranks_per_node)
+    dataset = samples * sample_bytes
+    return {
+        "world_size": world_size, "workers": workers, "micro": micro, "nodes": nodes, "samples": samples, "dataset_gb": dataset / 1e9,
+        "old_reads_per_record": records_touched / total_records, "old_gb_per_epoch": records_touched / total_records * dataset / 1e9,
+        "new_reads_per_record": nodes, "new_gb_per_epoch": nodes * dataset / 1e9,
+    }
 
 
 # ---------------------------------------------------------------- 3. CNN data wait
@@ -165,8 +293,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cnn-steps", type=int, default=60)
     parser.add_argument("--dir", default="/tmp/bench_loader")
+    parser.add_argument("--rank-job", help=argparse.SUPPRESS)  # internal: one rank of the 2-rank rounds
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.rank_job:
+        return rank_job(args)
 
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
@@ -174,22 +305,36 @@ def main() -> None:
     train, test = make_split(args.samples, "train"), make_split(1000, "test")
     for name, split in (("train", train), ("test", test)):
         write_split(split, root / "shards" / name, name, "image", 10, 4096, 256, {})
+    manifest = Manifest.load(root / "shards" / "train" / MANIFEST)
 
+    one_rank = rank_rounds(root / "shards", train, test, args.micro_batch, args.repeats, DistEnv())
     results = {
         "layout": bench_layout(root, make_split(5000, "layout")),
-        "loader": bench_loaders(root / "shards", train, test, args.micro_batch, args.repeats),
+        "loader": summarize([one_rank], manifest) + summarize(two_rank_rounds(args, root), manifest),
         "cnn": bench_cnn(root / "shards", train, test, args.micro_batch, args.cnn_steps),
+        "read_volume": [
+            read_volume(w, k, 8, 1_281_167, 224 * 224 * 3, micro, 1024, 256)  # ImageNet-1k as 224x224 uint8, default window
+            for w, k, micro in ((1, 1, 32), (2, 2, 32), (4, 4, 32), (8, 8, 32), (64, 8, 32), (64, 8, 8))
+        ],
     }
     print("\n28x28 uint8, reading one shard with webdataset stages (1 process)")
     for row in results["layout"]:
         print(f"  {row['layout']:<42} {row['samples_per_second']:>12,.0f} samples/s")
-    print(f"\none epoch of {args.samples} samples, micro-batch {args.micro_batch}, world size 1 (best of {args.repeats})")
-    print(f"  {'workers':>7} {'in-memory/s':>12} {'streaming/s':>12} {'ratio':>6}")
+    print(f"\none epoch of {args.samples} samples, micro-batch {args.micro_batch} per rank; samples/s of the job (best of {args.repeats} interleaved rounds), ratio median [min, max]")
+    print(f"  {'ranks':>5} {'workers':>7} {'in-memory/s':>12} {'streaming/s':>12} {'ratio':>18} {'decodes/record':>14} {'MB read/epoch':>14} {'worker RSS MB':>13} {'private MB':>10} {'in-mem RSS MB':>13}")
     for row in results["loader"]:
-        print(f"  {row['num_workers']:>7} {row['in_memory_samples_per_second']:>12,.0f} {row['streaming_samples_per_second']:>12,.0f} {row['ratio']:>6.2f}")
+        ratio = f"{row['ratio_median']:.2f} [{row['ratio_min']:.2f}, {row['ratio_max']:.2f}]"
+        print(
+            f"  {row['ranks']:>5} {row['num_workers']:>7} {row['in_memory_samples_per_second']:>12,.0f} {row['streaming_samples_per_second']:>12,.0f} {ratio:>18} "
+            f"{row['decodes_per_record']:>14.2f} {row['bytes_read_per_epoch'] / 1e6:>8.1f} / {row['dataset_bytes'] / 1e6:.1f} "
+            f"{row['streaming_worker_peak_rss_mb']:>8.0f} {row['streaming_worker_private_mb']:>10.0f} {row['in_memory_worker_peak_rss_mb']:>13.0f}"
+        )
     for name, cnn in results["cnn"].items():
         print(f"\nCNN, {name} loader (2 workers): data wait {100 * cnn['data_wait_fraction']:.1f}% of step time, {cnn['step_ms']:.1f} ms/step", end="")
-    print()
+    print("\n\nread volume per epoch, computed: ImageNet-1k (1.28M samples of 224x224x3 uint8), window 1024, 256 samples/record, 8 ranks/node")
+    print(f"  {'ranks':>5} {'workers':>7} {'micro':>5} {'nodes':>5} {'old reads/record':>16} {'old GB':>9} {'new reads/record':>16} {'new GB':>8}")
+    for row in results["read_volume"]:
+        print(f"  {row['world_size']:>5} {row['workers']:>7} {row['micro']:>5} {row['nodes']:>5} {row['old_reads_per_record']:>16.1f} {row['old_gb_per_epoch']:>9,.0f} {row['new_reads_per_record']:>16} {row['new_gb_per_epoch']:>8,.0f}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "loader.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {RESULTS / 'loader.json'}")

@@ -6,7 +6,8 @@
 Rows of the table (also written to benchmarks/results/gpu_check.json):
   header      device name, driver, torch / CUDA versions, the bf16 peak MFU is computed against
   test        every `gpu`-marked test (tests/test_gpu.py, tests/test_deepspeed.py): pass / FAIL / skip;
-              FSDP2 keeps a "not built" row until a gpu test with fsdp2 in its name exists
+              (FSDP2's rows are its gpu tests, tests/test_gpu.py::test_fsdp2_*; a "not built" row stands in
+              for them if none is found)
   throughput  dist_train's loop against the hand-written loop on the same device, interleaved rounds:
               the CNN (fp32) and ResNet-18 at 224x224 in bf16 (32x32 fp32 on CPU): samples/s, ratio to the
               hand loop, MFU (FLOPs per step counted by FlopCounterMode), peak memory
@@ -474,8 +475,7 @@ def run_tests(args: argparse.Namespace, limit: float, on_cuda: bool) -> list[dic
             tail = stdout.strip().splitlines()[-1:] or ["no output"]
             rows.append(row("test", "pytest -m gpu", "ERROR", tail[0][:200]))
     if not any("fsdp2" in r["check"] for r in rows):
-        # The hook for the FSDP2 strategy: its issue adds a gpu test with fsdp2 in its name, which replaces this row.
-        rows.append(row("test", "fsdp2 bf16", "not built", "strategy.name=fsdp2 does not exist yet"))
+        rows.append(row("test", "fsdp2 bf16", "not built", "no gpu test with fsdp2 in its name was found"))
     return rows
 
 

@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--image-size", type=int, help="resize images to this height/width before writing")
     prepare.add_argument("--download", action="store_true", help="download torchvision sets when missing (needs network)")
     prepare.add_argument("--samples-per-record", type=int, default=256, help="samples per tar member group (one .npy each); many per member is what makes reading fast")
+    prepare.add_argument("--shuffle-seed", type=int, default=0, help="samples are shuffled with this seed before they are cut into shards (recorded in the manifest), so every shard mixes classes even when the source is sorted by class")
+    prepare.add_argument("--no-shuffle", action="store_true", help="write samples in the source's order")
     prepare.add_argument("--overwrite", action="store_true", help="write again even if DIR already holds shards prepared with the same options")
     inspect = data_sub.add_parser("inspect", help="print a shard directory's manifest summary and verify checksums")
     inspect.add_argument("path", help="shard directory (with manifest.json) or its parent")

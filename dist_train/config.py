@@ -54,9 +54,11 @@ class DataConfig:
     test_fraction: float = _f(0.2, "digits, synthetic and image folder: held-out fraction for evaluation")
     num_workers: int = _f(0, "DataLoader worker processes per rank")
     shuffle: bool = _f(True, "shuffle the training order every epoch (deterministic in train.seed and the epoch)")
-    shuffle_buffer: int = _f(1024, "source=shards: in-memory shuffle window in samples")
-    skip_bad_samples: bool = _f(False, "source=shards: skip (and count) samples that fail to decode instead of stopping")
-    shard_urls: Optional[str] = _f(None, "source=shards: read shards from here instead of data.path/{split}/ (manifests stay in data.path): a brace pattern or pipe: command, {split} = train|test, e.g. 'pipe:cat /mnt/d/{split}/{split}-{000000..000005}.tar'")
+    shuffle_window: int = _f(1024, "source=shards: the epoch's stream (shards in a seeded order) is shuffled inside consecutive blocks of this many samples; `data prepare` shuffles across the whole split")
+    skip_bad_samples: bool = _f(False, "source=shards: skip (and count) bad samples (undecodable, wrong shape or dtype, label outside the classes, NaN/inf) instead of stopping every rank")
+    cache_dir: Optional[str] = _f(None, "source=shards: node-local folder where remote shards (http(s)://, pipe:) are downloaded once per node, verified against the manifest's sha256, and shared by the node's ranks and workers")
+    cache_max_bytes: int = _f(50 * 2**30, "source=shards: data.cache_dir's size limit; the least recently used shards are evicted beyond it")
+    shard_urls: Optional[str] = _f(None, "source=shards: read shards from here instead of data.path/{split}/ (manifests stay in data.path): a brace pattern of paths, http(s):// URLs or a pipe: command, {split} = train|test, e.g. 'https://host/d/{split}/{split}-{000000..000005}.tar'")
 
 
 @dataclass
@@ -219,6 +221,11 @@ def _apply_override(raw: dict, item: str) -> None:
     node[parts[-1]] = value
 
 
+RENAMED_KEYS = {
+    "data.shuffle_buffer": "data.shuffle_window (the same number: a fixed block of the stream shuffled in place, not a sampling buffer)",
+}
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if raw is None:
         raw = {}
@@ -229,6 +236,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     unknown = [k for k in raw if k not in fields]
     if unknown:
         key = prefix + unknown[0]
+        if key in RENAMED_KEYS:
+            raise ConfigError(f"config key '{key}' was renamed: use {RENAMED_KEYS[key]}")
         known = ", ".join(prefix + k for k in fields)
         raise ConfigError(f"unknown config key '{key}'; known keys here: {known}")
     values = {}

@@ -270,6 +270,7 @@ class Trainer:
             "epochs_completed": self.progress.epoch,
             "samples_seen": self.progress.samples_seen,
             "skipped_steps": self.progress.skipped_steps,
+            "skipped_samples": self.data.train.skipped_samples,  # bad samples skipped under data.skip_bad_samples, all ranks
             "train_seconds": elapsed,
             "samples_per_second": (self.progress.samples_seen - start_samples) / max(elapsed, 1e-9),
             "world_size": self.dist_env.world_size,
@@ -361,16 +362,21 @@ class Trainer:
         if self.strategy.device.type == "cuda":
             torch.cuda.manual_seed(seed)  # this rank's device only
 
-    def _sample_weight(self, step_batches: list) -> Optional[torch.Tensor]:
+    def _sample_weight(self, step_batches: list) -> Any:
         """With data.skip_bad_samples a micro-batch may be short. Its mean loss then weighs by the samples it
-        kept, so the step's gradient is the mean over the samples actually used on all ranks. Costs one
-        small all-reduce per step, so only when skipping is on; None means every micro-batch is full."""
+        kept, so the step's gradient is the mean over the samples actually used on all ranks. The streaming
+        loader already agreed on that count (its bad-sample verdict is all-reduced); otherwise it costs one
+        small all-reduce per step, so only when skipping is on. None means every micro-batch is full."""
         if not self.cfg.data.skip_bad_samples:
             return None
+        # The strategy divides by the accumulation steps and DDP averages over ranks: undo both.
+        scale = self.dist_env.world_size * self.arithmetic.grad_accum_steps
+        kept_by_loader = getattr(self.data.train, "step_samples_kept", None)
+        if kept_by_loader is not None:
+            return scale / kept_by_loader
         kept = torch.tensor([float(sum(batch_size(batch) for batch in step_batches))], device=self.strategy.device)
         self.strategy.all_reduce_sum(kept)
-        # The strategy divides by the accumulation steps and DDP averages over ranks: undo both.
-        return (self.dist_env.world_size * self.arithmetic.grad_accum_steps) / kept[0]
+        return scale / kept[0]
 
     def _agree(self, values: list[torch.Tensor]) -> list[list[float]]:
         """One all-gather of per-rank scalars (one host sync): row r holds rank r's values."""
@@ -457,6 +463,8 @@ class Trainer:
         metrics.update(self._stragglers([r[7] for r in rows], [r[8] for r in rows], window.steps))
         if self.skips is not None:
             metrics["train/skipped_steps"] = float(self.progress.skipped_steps)
+        if self.cfg.data.skip_bad_samples:
+            metrics["train/skipped_samples"] = self.data.train.skipped_samples  # bad samples skipped so far, all ranks
         if torch.cuda.is_available() and self.strategy.device.type == "cuda":
             metrics["train/cuda_max_memory_mb"] = torch.cuda.max_memory_allocated(self.strategy.device) / 2**20
             torch.cuda.reset_peak_memory_stats(self.strategy.device)  # each log line reports its own window's peak

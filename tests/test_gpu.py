@@ -75,6 +75,18 @@ def test_two_processes_share_one_gpu(tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_fsdp2_mixed_precision_trains_on_cuda_and_checkpoints_fp32(fp32_run, precision, tmp_path):
+    """FSDP2 on one GPU (a process group of one): MixedPrecisionPolicy compute, fp16 with the sharded scaler."""
+    _train(tmp_path, "strategy.name=fsdp2", "train.max_steps=44", f"train.precision={precision}")
+    summary, reference = _summary(tmp_path), _summary(fp32_run[0])
+    assert summary["eval"]["eval/accuracy"] > reference["eval"]["eval/accuracy"] - 0.05, (summary, reference)
+    from dist_train.strategies.dcp import load_dcp_full
+
+    saved = load_dcp_full(tmp_path / "checkpoints" / f"step-{44:08d}")
+    assert all(v.dtype == torch.float32 for v in saved["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_matches_fp32(fp32_run, precision, tmp_path):
     _train(tmp_path, "train.max_steps=44", "checkpoint.save_at_end=false", f"train.precision={precision}")
     summary, reference = _summary(tmp_path), _summary(fp32_run[0])

@@ -139,7 +139,7 @@ def test_an_edited_meta_json_neither_orders_nor_deletes_and_interrupted_purges_a
 def test_a_diverged_run_saves_nothing_non_finite_keeps_the_good_checkpoints_and_a_restart_does_not_loop(mlp_config, tmp_path):
     train = ["train", str(mlp_config), "checkpoint.interval_steps=3", "train.log_interval=4", "checkpoint.keep_latest=2"]
     # The case: from the start, step 3 (an interval step, not a log step) is non-finite.
-    fresh = dist_train([*train, f"output_dir={tmp_path / 'fresh'}", "optim.lr=1e6"], check=False)
+    fresh = dist_train([*train, f"output_dir={tmp_path / 'fresh'}", "optim.lr=1.0e+6"], check=False)
     assert fresh.returncode == 3
     assert _error_lines(fresh.output) == [
         "dist-train: error: training diverged: the loss or gradient norm became non-finite at optimizer step 3; "
@@ -151,7 +151,7 @@ def test_a_diverged_run_saves_nothing_non_finite_keeps_the_good_checkpoints_and_
     out = tmp_path / "run"
     dist_train([*train, f"output_dir={out}", "train.stop_at_step=6"], check=False)
     assert _names(out) == ["step-00000003", "step-00000006"]
-    diverged = dist_train([*train, f"output_dir={out}", "optim.lr=1e6", "train.resume=auto"], check=False)
+    diverged = dist_train([*train, f"output_dir={out}", "optim.lr=1.0e+6", "train.resume=auto"], check=False)
     assert diverged.returncode == 3
     bad_step = int(re.search(r"non-finite at optimizer step (\d+)", diverged.output).group(1))
     assert bad_step > 6 and "the newest checkpoint is step 6" in diverged.output
@@ -161,7 +161,7 @@ def test_a_diverged_run_saves_nothing_non_finite_keeps_the_good_checkpoints_and_
         assert all(torch.isfinite(v).all() for v in state.values()), name
     assert json.loads((out / RUN_FILE).read_text())["diverged_at_step"] == bad_step
 
-    restart = dist_train([*train, f"output_dir={out}", "optim.lr=1e6"], env={"TORCHELASTIC_RESTART_COUNT": "1"}, check=False)
+    restart = dist_train([*train, f"output_dir={out}", "optim.lr=1.0e+6"], env={"TORCHELASTIC_RESTART_COUNT": "1"}, check=False)
     assert restart.returncode == 2 and f"diverged at optimizer step {bad_step}; a restart would train into it again" in restart.output
     assert "optimizer steps planned" not in restart.output  # refused before training
 
@@ -170,7 +170,7 @@ def test_a_diverged_run_saves_nothing_non_finite_keeps_the_good_checkpoints_and_
 def test_fp16_steps_skipped_in_a_row_are_divergence_not_success(mlp_config, tmp_path):
     out = tmp_path / "fp16"
     result = dist_train(
-        ["train", str(mlp_config), f"output_dir={out}", "optim.lr=1e6", "train.precision=fp16", "train.max_consecutive_skipped_steps=5", "checkpoint.interval_steps=0"],
+        ["train", str(mlp_config), f"output_dir={out}", "optim.lr=1.0e+6", "train.precision=fp16", "train.max_consecutive_skipped_steps=5", "checkpoint.interval_steps=0"],
         check=False,
     )
     assert result.returncode == 3, result.output[-2000:]

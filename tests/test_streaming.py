@@ -44,7 +44,7 @@ def make_shards(root: Path, samples_per_shard: int = 22, samples_per_record: int
 def loader_bundle(root: Path, rank: int = 0, world_size: int = 1, num_workers: int = 0, *overrides: str):
     cfg = load_config(None, [
         "model.name=mlp", "data.source=shards", f"data.path={root}", "train.seed=3", "train.global_batch_size=20",
-        "train.micro_batch_size=5", "data.shuffle_buffer=16", f"data.num_workers={num_workers}", *overrides,
+        "train.micro_batch_size=5", "data.shuffle_window=16", f"data.num_workers={num_workers}", *overrides,
     ])
     dist_env = DistEnv(global_rank=rank, world_size=world_size)
     return build_streaming(cfg, model_spec(cfg.model), batch_arithmetic(cfg.train, world_size), dist_env)

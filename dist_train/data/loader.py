@@ -113,6 +113,8 @@ def worker_seed_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
 class MapStyleTrainLoader:
     """Yields, per optimizer step, the list of this rank's micro-batches; resumable at step granularity."""
 
+    skipped_samples = 0  # in-memory samples are checked when the source loads; only shards can hold bad ones
+
     def __init__(
         self,
         dataset: InMemoryDataset,
@@ -133,6 +135,7 @@ class MapStyleTrainLoader:
         self.num_workers = num_workers
         self.epoch = 0
         self.samples_consumed = 0
+        self.step_samples_kept = plan.global_batch_size  # of the last step handed out, over all ranks (the streaming loader may skip bad samples)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -167,6 +170,7 @@ class MapStyleTrainLoader:
                 collate_fn=_identity,
                 num_workers=self.num_workers,
                 persistent_workers=False,
+                pin_memory=self.dist_env.device.startswith("cuda"),  # lets the trainer's non_blocking copies overlap
                 # Its own generator: a DataLoader otherwise draws its workers' base seed from the global
                 # torch generator each epoch, which a resumed run (new iterator after the RNG was restored)
                 # would draw at another point than the straight run, changing dropout from there on.

@@ -224,13 +224,41 @@ def decode_record(raw: dict, manifest: Manifest, expected_count: int) -> Record:
     keys = json.loads(raw["keys.json"])
     if inputs.shape != (expected_count, *manifest.shape) or targets.shape[:1] != (expected_count,) or len(keys) != expected_count:
         raise ValueError(f"holds inputs {list(inputs.shape)}, {len(targets)} targets, {len(keys)} keys; the manifest promises {expected_count} samples of shape {list(manifest.shape)}")
+    wanted = np.dtype(np.uint8) if manifest.kind == "image" else np.dtype(np.float32)
+    if inputs.dtype != wanted:
+        raise ValueError(f"holds {inputs.dtype} inputs; {manifest.kind} shards hold {wanted}")
+    if manifest.num_classes and not np.issubdtype(targets.dtype, np.integer):
+        raise ValueError(f"holds {targets.dtype} targets; a {manifest.num_classes}-class split holds integer labels")
     return Record(inputs, targets, keys)
 
 
-def iter_shard(url: str, shard_name: str, first_record: int = 0) -> Iterator[dict]:
+IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: such a label is dropped by the loss, not an error
+
+
+def bad_sample_reasons(record: Record, manifest: Manifest) -> dict[int, str]:
+    """Samples of a decoded record that must not reach the model: row -> why (labels out of range, non-finite inputs)."""
+    reasons: dict[int, str] = {}
+    if manifest.num_classes:
+        labels = record.targets.reshape(len(record.keys), -1)
+        out = ((labels < 0) | (labels >= manifest.num_classes)) & (labels != IGNORE_INDEX)
+        for row in np.flatnonzero(out.any(1)).tolist():
+            reasons[row] = f"label {labels[row][out[row]][0]} is outside [0, {manifest.num_classes})"
+    if record.inputs.dtype.kind == "f":
+        finite = np.isfinite(record.inputs.reshape(len(record.keys), -1)).all(1)
+        for row in np.flatnonzero(~finite).tolist():
+            reasons.setdefault(row, "inputs hold NaN or infinity")
+    if record.targets.dtype.kind == "f":
+        finite = np.isfinite(record.targets.reshape(len(record.keys), -1)).all(1)
+        for row in np.flatnonzero(~finite).tolist():
+            reasons.setdefault(row, "target is NaN or infinity")
+    return reasons
+
+
+def iter_shard(url: str, shard_name: str, first_record: int = 0, stream=None) -> Iterator[dict]:
     """Raw records of one shard through webdataset's own stages (gopen: local paths and pipe: URLs).
 
     Records before `first_record` are skipped by name: their bytes are passed over by tarfile, never decoded.
+    A `stream` passed in (an open shard) stays open: its owner closes it.
     """
     from webdataset import tariterators
     from webdataset.gopen import gopen
@@ -241,20 +269,24 @@ def iter_shard(url: str, shard_name: str, first_record: int = 0) -> Iterator[dic
         except (ValueError, IndexError):
             return True  # not ours; group_by_keys keeps it and the reader names it
 
-    try:
-        stream = gopen(url, "rb")
-    except Exception as e:  # noqa: BLE001 - a missing file, a bad scheme: one error naming the shard
-        if isinstance(e, FileNotFoundError):
-            raise DataError(
-                f"shard {shard_name} does not exist ({url}): its manifest lists it; prepare the data again "
-                "(dist-train data prepare ... --overwrite) or point data.path / data.shard_urls at a complete copy"
-            ) from None
-        raise DataError(f"shard {shard_name} cannot be opened ({url}): {type(e).__name__}: {_first_arg(e)}") from None
+    owned = stream is None
+    if owned:
+        try:
+            stream = gopen(url, "rb")
+        except Exception as e:  # noqa: BLE001 - a missing file, a bad scheme: one error naming the shard
+            if isinstance(e, FileNotFoundError):
+                raise DataError(
+                    f"shard {shard_name} does not exist ({url}): its manifest lists it; prepare the data again "
+                    "(dist-train data prepare ... --overwrite) or point data.path / data.shard_urls at a complete copy"
+                ) from None
+            raise DataError(f"shard {shard_name} cannot be opened ({url}): {type(e).__name__}: {_first_arg(e)}") from None
     finished = False
     try:
         files = tariterators.tar_file_expander([{"url": url, "stream": stream}], select_files=select, eof_value=None)
         yield from tariterators.group_by_keys(files)
         finished = True
+    except DataError:
+        raise
     except Exception as e:  # noqa: BLE001 - every failure of the tar stream becomes one error naming the shard
         if isinstance(e, tarfile.TarError):  # a damaged header: tarfile says "bad checksum" or "truncated"
             raise DataError(
@@ -263,12 +295,42 @@ def iter_shard(url: str, shard_name: str, first_record: int = 0) -> Iterator[dic
             ) from None
         raise DataError(f"shard {shard_name} cannot be read ({url}): {type(e).__name__}: {_first_arg(e)}") from None
     finally:
+        if owned:
+            close_shard_stream(stream, shard_name, url, finished)
+
+
+def checked_records(url: str, entry: ShardEntry, counts: list[int], first_record: int, stream=None) -> Iterator[tuple[int, dict]]:
+    """(record index, raw record) from `first_record` on, checking that the records come complete and in sequence."""
+    expected = first_record
+    for raw in iter_shard(url, entry.name, first_record, stream):
         try:
-            stream.close()  # a pipe: URL reports its command's exit status here
-        except Exception as e:  # noqa: BLE001
-            # Stopping early (a resume, the end of a rank's range) makes the pipe's writer die of SIGPIPE: not an error.
-            if finished:
-                raise DataError(f"shard {shard_name} ({url}): {_first_arg(e)}") from None
+            index = record_index(raw["__key__"])
+        except (ValueError, IndexError):
+            index = -1
+        if index != expected or index >= len(counts):
+            raise DataError(f"shard {entry.name} ({url}): member {raw['__key__']} where record {expected} was expected; the shard is corrupt or was not written by `dist-train data prepare`")
+        missing = [m for m in RECORD_MEMBERS if m not in raw]
+        if missing:
+            raise DataError(
+                f"shard {entry.name} ({url}) is truncated or corrupt: record {raw['__key__']} lacks {', '.join(missing)} "
+                f"(after {sum(counts[:expected])} of its {entry.count} samples); run `dist-train data inspect` and prepare the shards again"
+            )
+        yield index, raw
+        expected += 1
+    if expected < len(counts):
+        raise DataError(
+            f"shard {entry.name} ({url}) is truncated: it ends after {sum(counts[:expected])} of its {entry.count} samples; "
+            "run `dist-train data inspect` and prepare the shards again"
+        )
+
+
+def close_shard_stream(stream, shard_name: str, url: str, finished: bool) -> None:
+    try:
+        stream.close()  # a pipe: URL reports its command's exit status here
+    except Exception as e:  # noqa: BLE001
+        # Stopping early (a resume, the end of a rank's range) makes the pipe's writer die of SIGPIPE: not an error.
+        if finished:
+            raise DataError(f"shard {shard_name} ({url}): {_first_arg(e)}") from None
 
 
 def _first_arg(error: BaseException) -> str:
@@ -357,15 +419,29 @@ def prepare_command(args: argparse.Namespace) -> int:
         "samples_per_shard": args.samples_per_shard,
         "samples_per_record": samples_per_record,
         "image_size": args.image_size,
+        "shuffle_seed": None if args.no_shuffle else args.shuffle_seed,
     }
     if not args.overwrite and _prepared(out, options):
         print(f"{out}: already prepared with these options (pass --overwrite to write again)")
         return 0
     data = _load_for_prepare(args)
-    for split_name, split in (("train", data.train), ("test", data.test)):
-        manifest = write_split(split, out / split_name, split_name, data.kind, data.num_classes, args.samples_per_shard, samples_per_record, options)
-        print(manifest.describe())
+    write_prepared(data, out, args.samples_per_shard, samples_per_record, options)
     return 0
+
+
+def write_prepared(data: SourceData, out: Path, samples_per_shard: int, samples_per_record: int, options: dict) -> None:
+    """Both splits, each shuffled with options["shuffle_seed"] (None: the source's order) before it is cut into shards."""
+    for split_name, split in (("train", data.train), ("test", data.test)):
+        if options.get("shuffle_seed") is not None:
+            split = shuffled(split, options["shuffle_seed"])
+        manifest = write_split(split, out / split_name, split_name, data.kind, data.num_classes, samples_per_shard, samples_per_record, options)
+        print(manifest.describe())
+
+
+def shuffled(split: Split, seed: int) -> Split:
+    """Sources such as image folders come sorted by class; a stream window over sorted shards would see few classes."""
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    return Split(split.inputs[order], split.targets[order], [split.keys[i] for i in order.tolist()])
 
 
 def inspect_command(args: argparse.Namespace) -> int:

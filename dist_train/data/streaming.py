@@ -2,26 +2,27 @@
 
 Each epoch has one global order over every sample of the split, a function of (seed, epoch) only: the
 shards are permuted, their samples concatenated into a stream, and the stream is shuffled inside
-consecutive windows of `data.shuffle_buffer` samples. Optimizer step k takes global positions
-[k*G, (k+1)*G); rank r takes the r-th contiguous slice of G/world_size and cuts it into micro-batches,
-exactly as `loader.GlobalBatchPlan` does in memory. So every sample is seen once per epoch (the last
-`N % G` positions are dropped, a different subset each epoch), every rank runs the same number of steps,
-and "samples consumed this epoch" resumes exactly on any world size and any number of workers.
+consecutive windows of `data.shuffle_window` samples (`data prepare` has already shuffled the whole
+split once, so a window mixes classes even when the source is sorted by class). Optimizer step k takes
+global positions [k*G, (k+1)*G); rank r takes the r-th contiguous slice of G/world_size and cuts it into
+micro-batches, exactly as `loader.GlobalBatchPlan` does in memory. So every sample is seen once per epoch
+(the last `N % G` positions are dropped, a different subset each epoch), every rank runs the same number
+of steps, and "samples consumed this epoch" resumes exactly on any world size and any number of workers.
 
 Work is split by micro-batch, never by shard: DataLoader worker w builds micro-batches w, w + W, ... of
 its rank and yields each whole (`batch_size=None`), and the DataLoader's round-robin over workers puts
-them back in order. A worker reads the stream window by window; shards it does not need are never opened,
-and records before a resume point are skipped by name inside one shard, never decoded. The price of an
-order that does not depend on the world size: every worker reads each window it draws samples from,
-so a split is read about world_size x num_workers times per epoch (sequentially, in records of many
-samples; benchmarks/bench_loader.py shows it is still faster than an in-memory map-style DataLoader).
+them back in order. Reading is split by shard and node: the first process of a node that needs a shard
+decodes it once into the node's shared store (node_store.py) and every rank and worker of the node copies
+its rows out of it, so a split is read and decoded once per node per epoch, whatever the world size and
+worker count. Each step's data is checked on every rank before it is handed out (agreement.py).
 """
 
 from __future__ import annotations
 
-import json
+import itertools
 import logging
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -33,12 +34,20 @@ from ..config import BatchArithmetic, Config, ConfigError, DataConfig
 from ..env import DistEnv
 from ..models import ModelSpec
 from . import DataBundle
+from .agreement import StepAgreement
 from .loader import GlobalBatchPlan, MapStyleTrainLoader, _identity, worker_seed_generator
-from .shards import MANIFEST, RECORD_MEMBERS, DataError, Manifest, Record, decode_record, iter_shard, record_index
+from .node_store import PASS_PREFIX, PassPlan, SharedShards, decoded_shard_bytes, enter_pass, keys_or_placeholders, leave_pass, node_scratch
+from .remote import ShardCache, open_shard
+from .shards import MANIFEST, DataError, Manifest, Record, bad_sample_reasons, checked_records, close_shard_stream, decode_record
 from .sources import SourceData, Split, check_compatible
 from .transforms import adapt_images
 
 log = logging.getLogger(__name__)
+
+# A DataLoader worker sends up to this many bytes of micro-batches per item (at most MAX_BUNDLE of them):
+# each tensor crossing the worker pipe costs about a millisecond of shared-memory setup, whatever its size.
+BUNDLE_BYTES = 4 << 20
+MAX_BUNDLE = 16
 
 
 # ---------------------------------------------------------------- where the shards are
@@ -50,6 +59,7 @@ class ShardSource:
 
     manifest: Manifest
     urls: tuple[str, ...]
+    cache: Optional[ShardCache] = None  # data.cache_dir: remote shards are read from node-local verified copies
 
     @property
     def num_samples(self) -> int:
@@ -205,28 +215,13 @@ class _StreamCursor:
     def _shard_records(self, shard: int, first_record: int) -> Iterator[tuple[int, dict]]:
         entry = self.source.manifest.shards[self.order[shard]]
         url = self.source.urls[self.order[shard]]
-        counts = self.source.manifest.records_in(entry)
-        expected = first_record
-        for raw in iter_shard(url, entry.name, first_record):
-            try:
-                index = record_index(raw["__key__"])
-            except (ValueError, IndexError):
-                index = -1
-            if index != expected or index >= len(counts):
-                raise DataError(f"shard {entry.name} ({url}): member {raw['__key__']} where record {expected} was expected; the shard is corrupt or was not written by `dist-train data prepare`")
-            missing = [m for m in RECORD_MEMBERS if m not in raw]
-            if missing:
-                raise DataError(
-                    f"shard {entry.name} ({url}) is truncated or corrupt: record {raw['__key__']} lacks {', '.join(missing)} "
-                    f"(after {sum(counts[:expected])} of its {entry.count} samples); run `dist-train data inspect` and prepare the shards again"
-                )
-            yield index, raw
-            expected += 1
-        if expected < len(counts):
-            raise DataError(
-                f"shard {entry.name} ({url}) is truncated: it ends after {sum(counts[:expected])} of its {entry.count} samples; "
-                "run `dist-train data inspect` and prepare the shards again"
-            )
+        stream = open_shard(url, entry, self.source.cache)
+        finished = False
+        try:
+            yield from checked_records(url, entry, self.source.manifest.records_in(entry), first_record, stream)
+            finished = True
+        finally:
+            close_shard_stream(stream, entry.name, url, finished)
 
     def _decode(self, shard: int, index: int, raw: dict) -> Chunk:
         manifest = self.source.manifest
@@ -235,24 +230,21 @@ class _StreamCursor:
         self.decoded_records += 1
         try:
             record: Record = decode_record(raw, manifest, count)
-            return Chunk(record.inputs, record.targets.astype(self.source.target_dtype, copy=False), np.array(record.keys, object), np.zeros(count, bool))
         except Exception as e:  # noqa: BLE001 - any decode failure: name the shard and the samples
-            keys = _keys_or_placeholders(raw, count)
+            keys = keys_or_placeholders(raw, count)
             reason = f"shard {entry.name} record {raw['__key__']} fails to decode: {type(e).__name__}: {e}"
             if not self.skip_bad:
                 raise DataError(f"{reason} (samples {keys[0]}..{keys[-1]}); set data.skip_bad_samples=true to skip bad samples instead") from None
             self.bad_reasons.update((key, reason) for key in keys)
             return Chunk(np.zeros((count, *manifest.shape), self.source.input_dtype), np.zeros(count, self.source.target_dtype), np.array(keys, object), np.ones(count, bool))
-
-
-def _keys_or_placeholders(raw: dict, count: int) -> list[str]:
-    try:
-        keys = json.loads(raw["keys.json"])
-        if isinstance(keys, list) and len(keys) == count:
-            return [str(k) for k in keys]
-    except (KeyError, ValueError):
-        pass
-    return [f"{raw['__key__']}#{i}" for i in range(count)]
+        bad = np.zeros(count, bool)
+        for row, why in bad_sample_reasons(record, manifest).items():
+            reason = f"shard {entry.name} record {raw['__key__']}: {why}"
+            if not self.skip_bad:
+                raise DataError(f"{reason} (sample {record.keys[row]}); set data.skip_bad_samples=true to skip bad samples instead")
+            self.bad_reasons[str(record.keys[row])] = reason
+            bad[row] = True
+        return Chunk(record.inputs, record.targets.astype(self.source.target_dtype, copy=False), np.array(record.keys, object), bad)
 
 
 def bad_reports(chunk: Chunk, cursor: _StreamCursor) -> list[str]:
@@ -270,125 +262,276 @@ def _to_tensors(inputs: np.ndarray, targets: np.ndarray, input_shape: tuple[int,
 # ---------------------------------------------------------------- training
 
 
-class _WindowReader:
-    """One worker's view of an epoch: global positions -> samples, one decoded window (or two) in memory."""
-
-    def __init__(self, source: ShardSource, order: StreamOrder, epoch: int, skip_bad: bool) -> None:
-        self.order, self.epoch = order, epoch
-        self.cursor = _StreamCursor(source, order.shard_order(epoch), skip_bad)
-        self.windows: dict[int, tuple[np.ndarray, Chunk]] = {}
-
-    def gather(self, start: int, count: int) -> Chunk:
-        size = self.order.window
-        first, last = start // size, (start + count - 1) // size
-        for j in [j for j in self.windows if j < first]:
-            del self.windows[j]
-        parts = []
-        for j in range(first, last + 1):
-            permutation, window = self._window(j)
-            lo, hi = max(start, j * size) - j * size, min(start + count, (j + 1) * size) - j * size
-            parts.append(window.take(permutation[lo:hi]))
-        return Chunk.concat(parts)
-
-    def _window(self, j: int) -> tuple[np.ndarray, Chunk]:
-        if j not in self.windows:
-            lo, hi = j * self.order.window, min((j + 1) * self.order.window, self.order.num_samples)
-            self.windows[j] = (self.order.window_permutation(self.epoch, j, hi - lo), self.cursor.read(lo, hi))
-        return self.windows[j]
-
-
 class RankEpochStream(IterableDataset):
-    """This rank's micro-batches of one epoch from `start_step`; DataLoader worker w makes those with index i % W == w."""
+    """This rank's micro-batches of one pass, sent in bundles of `plan.bundle` consecutive micro-batches;
+    DataLoader worker w makes bundles w, w + W, ... (so the DataLoader's round-robin keeps them in order).
 
-    def __init__(self, source: ShardSource, order: StreamOrder, epoch: int, start_step: int, steps: int, arithmetic: BatchArithmetic, rank: int, input_shape: tuple[int, ...], skip_bad: bool, with_keys: bool = True) -> None:
-        self.source, self.order, self.epoch = source, order, epoch
-        self.start_step, self.steps, self.arithmetic, self.rank = start_step, steps, arithmetic, rank
+    Samples come from the node's shared decoded shards (node_store.py); a worker copies out only the rows
+    of its own micro-batches and tells the store when it is done with a shard. A bundle crosses the worker
+    pipe as one tensor per field: a tensor sent from a worker costs about a millisecond of shared-memory
+    setup, whatever its size, which bundling pays once per few megabytes instead of once per micro-batch.
+    """
+
+    def __init__(self, plan: PassPlan, consumers: dict[int, int], order: StreamOrder, epoch: int, rank: int, input_shape: tuple[int, ...], skip_bad: bool, with_keys: bool = True) -> None:
+        self.plan, self.consumers, self.order, self.epoch, self.rank = plan, consumers, order, epoch, rank
         self.input_shape, self.skip_bad, self.with_keys = input_shape, skip_bad, with_keys
-
-    def micro_batch_starts(self) -> list[int]:
-        a = self.arithmetic
-        per_rank = a.global_batch_size // a.world_size
-        return [
-            step * a.global_batch_size + self.rank * per_rank + m * a.micro_batch_size
-            for step in range(self.start_step, self.steps)
-            for m in range(a.grad_accum_steps)
-        ]
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        reader = _WindowReader(self.source, self.order, self.epoch, self.skip_bad)
+        worker = info.id if info is not None else 0
+        store = SharedShards(self.plan, self.consumers)
+        uses = self.plan.consumer_uses(self.rank, worker)
+        bundle: list[tuple] = []
+        last = len(self.plan.micro_batch_starts(self.rank)) - 1
         try:
-            yield from self._micro_batches(reader, worker, num_workers)
+            for index, micro_batch in self._micro_batches(store, worker, uses):
+                bundle.append(micro_batch)
+                if (index + 1) % self.plan.bundle == 0 or index == last:
+                    yield self._bundled(bundle, store)
+                    bundle = []
         except DataError as e:
             # Handed over as a value: an exception raised in a worker reaches the user wrapped in a traceback.
-            yield "error", str(e)
+            # The good micro-batches before the bad one go with it (one item: the round-robin stays in step),
+            # so the error comes at its own step.
+            yield "error", str(e), store.new_counts(), self._bundled(bundle, store) if bundle else None
         finally:
-            reader.cursor.close()
+            for shard in sorted(uses):
+                store.release(shard)  # shards this consumer will no longer need (all of them, if it stopped early)
+            store.close()
 
-    def _micro_batches(self, reader: "_WindowReader", worker: int, num_workers: int) -> Iterator[tuple]:
-        images = self.source.manifest.kind == "image"
-        for index, start in enumerate(self.micro_batch_starts()):
-            if index % num_workers != worker:
+    def _bundled(self, bundle: list[tuple], store: SharedShards) -> tuple:
+        images = self.plan.manifest.kind == "image"
+        first = bundle[0][0]
+        inputs, targets = _to_tensors(np.concatenate([b[1] for b in bundle]), np.concatenate([b[2] for b in bundle]), self.input_shape, images)
+        sizes = [len(b[2]) for b in bundle]
+        keys = [b[3] for b in bundle] if self.with_keys else None
+        return first, inputs, targets, sizes, keys, [b[4] for b in bundle], store.new_counts()
+
+    def _micro_batches(self, store: SharedShards, worker: int, uses: dict[int, int]) -> Iterator[tuple[int, tuple]]:
+        plan, micro = self.plan, self.plan.arithmetic.micro_batch_size
+        permutations: dict[int, np.ndarray] = {}
+        for index, start in enumerate(plan.micro_batch_starts(self.rank)):
+            if plan.worker_of(index) != worker:
                 continue
-            chunk = reader.gather(start, self.arithmetic.micro_batch_size)
-            reports = bad_reports(chunk, reader.cursor)
-            if reports:
-                if chunk.bad.all():
-                    raise DataError(f"every sample of a micro-batch failed to decode ({chunk.keys[0]}..{chunk.keys[-1]}); the shards need preparing again")
-                chunk = chunk.take(np.flatnonzero(~chunk.bad))
-            inputs, targets = _to_tensors(chunk.inputs, chunk.targets, self.input_shape, images)
-            # Sample keys cross the worker pipe pickled, string by string: only when someone asked for them.
-            yield index, inputs, targets, chunk.keys if self.with_keys else None, reports
+            positions = self._stream_positions(start, micro, permutations)
+            inputs, targets, keys, reports = self._gather(store, positions, self.with_keys)
+            for shard in [s for s, last in uses.items() if last == index]:
+                del uses[shard]
+                store.release(shard)
+            if reports and not self.skip_bad:
+                key, why = reports[0]
+                raise DataError(f"{why} (sample {key}); set data.skip_bad_samples=true to skip bad samples instead")
+            if len(reports) == micro:
+                raise DataError(f"every sample of a micro-batch is bad ({reports[0][0]}..{reports[-1][0]}: {reports[0][1]}); the shards need preparing again")
+            yield index, (index, inputs, targets, keys, reports)
+
+    def _stream_positions(self, start: int, count: int, permutations: dict[int, np.ndarray]) -> np.ndarray:
+        """Global order positions [start, start + count) -> stream positions (the window shuffle)."""
+        plan, size = self.plan, self.plan.window
+        parts = []
+        for j in range(start // size, (start + count - 1) // size + 1):
+            if j not in permutations:
+                for old in [k for k in permutations if k < j]:
+                    del permutations[old]
+                n = min((j + 1) * size, plan.num_samples) - j * size
+                permutations[j] = self.order.window_permutation(self.epoch, j, n)
+            lo, hi = max(start, j * size) - j * size, min(start + count, (j + 1) * size) - j * size
+            parts.append(j * size + permutations[j][lo:hi])
+        return np.concatenate(parts)
+
+    def _gather(self, store: SharedShards, positions: np.ndarray, with_keys: bool) -> tuple[np.ndarray, np.ndarray, Optional[list[str]], list[tuple[str, str]]]:
+        """Rows at these stream positions, in order, without the bad ones; (key, why) per bad sample."""
+        shards = self.plan.shard_of(positions)
+        keep = np.ones(len(positions), bool)
+        inputs = np.empty((len(positions), *self.plan.manifest.shape), np.uint8 if self.plan.manifest.kind == "image" else np.float32)
+        targets: Optional[np.ndarray] = None
+        keys: list[str] = [""] * len(positions)
+        reports = []
+        for shard in np.unique(shards).tolist():
+            where = np.flatnonzero(shards == shard)
+            decoded = store.get(shard)
+            rows = positions[where] - decoded.offset
+            inputs[where] = decoded.inputs[rows]
+            if targets is None:
+                targets = np.empty((len(positions), *decoded.targets.shape[1:]), decoded.targets.dtype)
+            targets[where] = decoded.targets[rows]
+            if with_keys:
+                for i, row in zip(where.tolist(), rows.tolist()):
+                    keys[i] = decoded.keys[row]
+            for i, row in zip(where[decoded.bad[rows]].tolist(), rows[decoded.bad[rows]].tolist()):
+                keep[i] = False
+                reports.append((decoded.keys[row], decoded.reasons.get(row, "bad sample")))
+        assert targets is not None
+        kept = np.flatnonzero(keep) if reports else None
+        if kept is not None:
+            inputs, targets, keys = inputs[kept], targets[kept], [keys[i] for i in kept.tolist()]
+        return inputs, targets, keys if with_keys else None, reports
 
 
 class StreamingTrainLoader(MapStyleTrainLoader):
-    """The map-style loader's interface and position (epoch, samples consumed), fed from shards."""
+    """The map-style loader's interface and position (epoch, samples consumed), fed from shards.
 
-    def __init__(self, source: ShardSource, order: StreamOrder, arithmetic: BatchArithmetic, dist_env: DistEnv, num_workers: int, input_shape: tuple[int, ...], skip_bad: bool) -> None:
+    Counters: `decoded_records` and `bytes_read` (this rank's DataLoader workers, since construction) show
+    that each record is read once per node per epoch; `skipped_samples` counts bad samples skipped over
+    all ranks (all-reduced with the step verdict; this rank's own count when there is no process group).
+    A micro-batch that lost bad samples arrives shorter than `train.micro_batch_size` (one that would lose
+    all of them stops every rank instead); `step_samples_kept` is, for the step just handed out, the samples
+    of the global batch kept over all ranks: the denominator of a loss that is the mean over the samples
+    actually used.
+    """
+
+    def __init__(self, source: ShardSource, order: StreamOrder, arithmetic: BatchArithmetic, dist_env: DistEnv, num_workers: int, input_shape: tuple[int, ...], skip_bad: bool, scratch: Path, job_token: str) -> None:
         plan = GlobalBatchPlan(source.num_samples, arithmetic.global_batch_size, order.seed, order.shuffle)
         super().__init__(source, plan, arithmetic, dist_env, num_workers)  # type: ignore[arg-type]
         self.source, self.order, self.input_shape, self.skip_bad = source, order, input_shape, skip_bad
+        self.scratch, self.job_token = scratch, job_token
         self.skipped_samples = 0
+        self.decoded_records = 0
+        self.bytes_read = 0
+        self.passes = 0
+        self.agreement: Optional[StepAgreement] = None
 
     def __iter__(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         for step in self.iter_steps(with_keys=False):
             yield [(inputs, targets) for inputs, targets, _ in step]
 
+    def node_ranks(self) -> tuple[int, ...]:
+        """Ranks sharing this node's decoded shards: launchers number a node's ranks contiguously."""
+        env = self.dist_env
+        first = env.global_rank - env.local_rank
+        if first != env.node_rank * env.local_world_size or first + env.local_world_size > env.world_size:
+            return (env.global_rank,)  # numbered otherwise (srun --distribution=cyclic): this rank keeps its own store
+        return tuple(range(first, first + env.local_world_size))
+
+    def micro_batches_per_bundle(self) -> int:
+        """Up to BUNDLE_BYTES of model inputs, at most MAX_BUNDLE micro-batches."""
+        micro_batch_bytes = 4 * self.arithmetic.micro_batch_size * int(np.prod(self.input_shape))
+        return max(1, min(MAX_BUNDLE, BUNDLE_BYTES // micro_batch_bytes))
+
+    def bundle_size(self) -> int:
+        """Micro-batches per worker item (without workers nothing crosses a pipe: one at a time)."""
+        return self.micro_batches_per_bundle() if self.num_workers else 1
+
+    def pass_plan(self, start_step: int) -> PassPlan:
+        self.passes += 1
+        node_ranks = self.node_ranks()
+        name = f"{PASS_PREFIX}{self.job_token}-node{node_ranks[0]}-e{self.epoch}-s{start_step}-p{self.passes}"
+        return PassPlan(
+            self.source.manifest, self.source.urls, self.source.cache, tuple(int(i) for i in self.order.shard_order(self.epoch)),
+            self.order.window, start_step, self.steps_per_epoch,
+            self.arithmetic, node_ranks, max(self.num_workers, 1), self.scratch / name, self.bundle_size(),
+        )
+
     def iter_steps(self, with_keys: bool = True) -> Iterator[list[tuple[torch.Tensor, torch.Tensor, Optional[list[str]]]]]:
         """Per optimizer step, this rank's micro-batches with their sample keys (None unless `with_keys`)."""
+        if self.agreement is None:
+            self.agreement = StepAgreement.for_ranks(self.dist_env.world_size)
+        import webdataset.gopen  # noqa: F401, PLC0415 - imported once here, inherited by forked workers (~70 ms each otherwise)
+        import webdataset.tariterators  # noqa: F401, PLC0415
+
         start_step = self.samples_consumed // self.plan.global_batch_size
-        dataset = RankEpochStream(self.source, self.order, self.epoch, start_step, self.steps_per_epoch, self.arithmetic, self.dist_env.global_rank, self.input_shape, self.skip_bad, with_keys)
+        plan = self.pass_plan(start_step)
+        enter_pass(plan.directory)
+        dataset = RankEpochStream(plan, plan.consumers_per_shard(), self.order, self.epoch, self.dist_env.global_rank, self.input_shape, self.skip_bad, with_keys)
         # batch_size=None: the dataset yields whole micro-batches, so nothing re-batches (or re-splits) them;
-        # no collate either: default_convert would walk every sample key.
+        # no collate either: default_convert would walk every sample key. Pinned pages only on CUDA, where
+        # the trainer's non_blocking copies can then overlap with compute.
         loader = DataLoader(
             dataset, batch_size=None, collate_fn=_identity, num_workers=self.num_workers, persistent_workers=False,
+            pin_memory=self.dist_env.device.startswith("cuda"),
             generator=worker_seed_generator(self.order.seed, self.epoch, self.dist_env.global_rank),  # not the global RNG: see loader.py
         )
-        step: list = []
-        for expected, item in enumerate(loader):
+        items = iter(loader)
+        try:
+            yield from self._agreed_steps(self._unbundled(items), start_step, max(1, self.micro_batches_per_bundle() // self.arithmetic.grad_accum_steps))
+        finally:
+            # Workers stop before the pass folder may go. An error in flight still references the iterator,
+            # so dropping our name for it would not be enough.
+            shutdown = getattr(items, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            del items
+            leave_pass(plan.directory, len(plan.node_ranks))
+            self.agreement.settle()
+
+    def _agreed_steps(self, items: Iterator, start_step: int, group_steps: int) -> Iterator[list]:
+        """Steps go out in groups of `group_steps` (the same on every rank), a group once every rank's verdict on
+        it is in, which is after the next group was assembled: one small all-reduce per group, long finished
+        when it is waited for."""
+        assert self.agreement is not None
+        if not self.agreement.collective:
+            group_steps = 1  # a local verdict: nothing to wait for, nothing to group
+        pending: Optional[tuple] = None
+        group: list[tuple[list, int]] = []
+        expected, problem = 0, None
+        for k in range(start_step, self.steps_per_epoch):
+            step: list = []
+            skipped = 0
+            while problem is None and len(step) < self.arithmetic.grad_accum_steps:
+                item = next(items)
+                if item[0] == "error":
+                    problem = item[1]
+                    break
+                index, inputs, targets, keys, reports = item
+                if index != expected:
+                    raise RuntimeError(f"micro-batch {index} arrived where {expected} was due: DataLoader workers out of order")
+                expected += 1
+                for key, why in reports:
+                    log.warning("rank %d skipped bad sample %s", self.dist_env.global_rank, f"{key} ({why})")
+                skipped += len(reports)
+                step.append((inputs, targets, keys))
+            group.append((step, skipped))
+            if len(group) < group_steps and k + 1 < self.steps_per_epoch:
+                continue
+            started = (group, self.agreement.start(problem, [n for _, n in group]))
+            group = []
+            if pending is not None:
+                yield from self._hand_out(*pending)
+            pending = started
+            if not self.agreement.collective:
+                yield from self._hand_out(*pending)
+                pending = None
+        if pending is not None:
+            yield from self._hand_out(*pending)
+
+    def _unbundled(self, items: Iterator[tuple]) -> Iterator[tuple]:
+        """Bundles -> (index, inputs, targets, keys, reports) per micro-batch (views of the bundle's tensors), or an error."""
+        for item in items:
             if item[0] == "error":
-                raise DataError(item[1])
-            index, inputs, targets, keys, reports = item
-            if index != expected:
-                raise RuntimeError(f"micro-batch {index} arrived where {expected} was due: DataLoader workers out of order")
-            for report in reports:
-                log.warning("rank %d skipped bad sample %s", self.dist_env.global_rank, report)
-            self.skipped_samples += len(reports)
-            step.append((inputs, targets, keys.tolist() if keys is not None else None))
-            if len(step) == self.arithmetic.grad_accum_steps:
-                # Count the step before handing it out: a checkpoint taken after this step resumes after it.
-                self.samples_consumed += self.plan.global_batch_size
-                yield step
-                step = []
+                self._count(item[2])
+                if item[3] is not None:
+                    yield from self._split(item[3])
+                yield item
+                return
+            yield from self._split(item)
+
+    def _split(self, bundle: tuple) -> Iterator[tuple]:
+        first, inputs, targets, sizes, keys, reports, counters = bundle
+        self._count(counters)
+        for i, (x, y) in enumerate(zip(inputs.split(sizes), targets.split(sizes))):
+            yield first + i, x, y, keys[i] if keys is not None else None, reports[i]
+
+    def _hand_out(self, group: list[tuple[list, int]], started: tuple) -> Iterator[list]:
+        assert self.agreement is not None
+        for (step, _), skipped in zip(group, self.agreement.finish(started)):
+            self.skipped_samples += skipped
+            self.step_samples_kept = self.plan.global_batch_size - skipped
+            # Count the step before handing it out: a checkpoint taken after this step resumes after it.
+            self.samples_consumed += self.plan.global_batch_size
+            yield step
+
+    def _count(self, counters: tuple[int, int]) -> None:
+        self.decoded_records += counters[0]
+        self.bytes_read += counters[1]
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "shuffle_buffer": self.order.window, "skipped_samples": self.skipped_samples}
+        return {**super().state_dict(), "shuffle_window": self.order.window, "skipped_samples": self.skipped_samples}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("shuffle_buffer", self.order.window) != self.order.window:
+        saved = state.get("shuffle_window", state.get("shuffle_buffer", self.order.window))
+        if saved != self.order.window:
             raise ConfigError(
-                f"the checkpoint was written with data.shuffle_buffer={state['shuffle_buffer']}, which defines the sample "
+                f"the checkpoint was written with data.shuffle_window={saved}, which defines the sample "
                 f"order; resume with the same value (now {self.order.window})"
             )
         super().load_state_dict(state)
@@ -436,13 +579,36 @@ class StreamingEvalLoader:
 # ---------------------------------------------------------------- assembly
 
 
+def job_token(dist_env: DistEnv) -> str:
+    """A name every rank of this job agrees on (and no other job uses) for the node's shared pass folders."""
+    if dist_env.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        token = [uuid.uuid4().hex[:16]]
+        torch.distributed.broadcast_object_list(token, src=0)
+        return token[0]
+    if dist_env.world_size > 1:
+        # Ranks without a process group (tests of the loader alone): the rendezvous names the job, and the
+        # loaders are told apart by the order the ranks build them in (each rank runs the same program).
+        return f"{dist_env.master_addr}-{dist_env.master_port}-{next(_LOADERS_BUILT)}".replace("/", "_")
+    return uuid.uuid4().hex[:16]
+
+
+_LOADERS_BUILT = itertools.count()
+
+
 def build_streaming(cfg: Config, spec: ModelSpec, arithmetic: BatchArithmetic, dist_env: DistEnv) -> DataBundle:
-    if cfg.data.shuffle_buffer < 1:
-        raise ConfigError(f"data.shuffle_buffer must be at least 1, got {cfg.data.shuffle_buffer}")
-    train, test = open_split(cfg.data, "train"), open_split(cfg.data, "test")
+    if cfg.data.shuffle_window < 1:
+        raise ConfigError(f"data.shuffle_window must be at least 1, got {cfg.data.shuffle_window}")
+    if cfg.data.cache_max_bytes < 1:
+        raise ConfigError(f"data.cache_max_bytes must be positive, got {cfg.data.cache_max_bytes}")
+    cache = ShardCache(Path(cfg.data.cache_dir), cfg.data.cache_max_bytes) if cfg.data.cache_dir else None
+    train, test = (replace(open_split(cfg.data, split), cache=cache) for split in ("train", "test"))
     for source in (train, test):
         check_fits(source, spec)
-    order = StreamOrder(tuple(s.count for s in train.manifest.shards), cfg.train.seed, cfg.data.shuffle, cfg.data.shuffle_buffer)
-    train_loader = StreamingTrainLoader(train, order, arithmetic, dist_env, cfg.data.num_workers, spec.input_shape, cfg.data.skip_bad_samples)
+    order = StreamOrder(tuple(s.count for s in train.manifest.shards), cfg.train.seed, cfg.data.shuffle, cfg.data.shuffle_window)
+    train_loader = StreamingTrainLoader(
+        train, order, arithmetic, dist_env, cfg.data.num_workers, spec.input_shape, cfg.data.skip_bad_samples,
+        # Room for a few decoded shards: the store holds those between the node's slowest and fastest consumer.
+        node_scratch(cfg.data.cache_dir, 4 * decoded_shard_bytes(train.manifest)), job_token(dist_env),
+    )
     eval_loader = StreamingEvalLoader(test, max(arithmetic.micro_batch_size, 256), dist_env, spec.input_shape, cfg.data.skip_bad_samples)
     return DataBundle(train_loader, eval_loader, train.num_samples, test.num_samples)

@@ -29,7 +29,7 @@ def main(shard_dir: str, out_dir: str) -> None:
     def bundle(num_workers: int):
         cfg = load_config(None, [
             "model.name=mlp", "data.source=shards", f"data.path={shard_dir}", "train.seed=3",
-            "train.global_batch_size=20", "train.micro_batch_size=5", "data.shuffle_buffer=16", f"data.num_workers={num_workers}",
+            "train.global_batch_size=20", "train.micro_batch_size=5", "data.shuffle_window=16", f"data.num_workers={num_workers}",
         ])
         return build_streaming(cfg, model_spec(cfg.model), batch_arithmetic(cfg.train, dist_env.world_size), dist_env)
 
