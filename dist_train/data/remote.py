@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional
 
-from .shards import DataError, ShardEntry
+from .shards import DataError, ShardEntry, open_failure
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def _open_url(url: str, shard_name: str) -> BinaryIO:
 
         return gopen(url, "rb")
     except Exception as e:  # noqa: BLE001 - a missing file, a refused connection, a bad scheme: one error naming the shard
-        raise DataError(f"shard {shard_name} cannot be opened ({url}): {type(e).__name__}: {e.args[0] if e.args else e}") from None
+        raise open_failure(shard_name, url, e) from None
 
 
 def sha_mismatch(entry: ShardEntry, url: str, digest: str, size: int) -> str:

@@ -274,12 +274,7 @@ def iter_shard(url: str, shard_name: str, first_record: int = 0, stream=None) ->
         try:
             stream = gopen(url, "rb")
         except Exception as e:  # noqa: BLE001 - a missing file, a bad scheme: one error naming the shard
-            if isinstance(e, FileNotFoundError):
-                raise DataError(
-                    f"shard {shard_name} does not exist ({url}): its manifest lists it; prepare the data again "
-                    "(dist-train data prepare ... --overwrite) or point data.path / data.shard_urls at a complete copy"
-                ) from None
-            raise DataError(f"shard {shard_name} cannot be opened ({url}): {type(e).__name__}: {_first_arg(e)}") from None
+            raise open_failure(shard_name, url, e) from None
     finished = False
     try:
         files = tariterators.tar_file_expander([{"url": url, "stream": stream}], select_files=select, eof_value=None)
@@ -331,6 +326,16 @@ def close_shard_stream(stream, shard_name: str, url: str, finished: bool) -> Non
         # Stopping early (a resume, the end of a rank's range) makes the pipe's writer die of SIGPIPE: not an error.
         if finished:
             raise DataError(f"shard {shard_name} ({url}): {_first_arg(e)}") from None
+
+
+def open_failure(shard_name: str, url: str, error: BaseException) -> DataError:
+    """The one line for a shard that cannot be opened; a missing file says what to do about it."""
+    if isinstance(error, FileNotFoundError):
+        return DataError(
+            f"shard {shard_name} does not exist ({url}): its manifest lists it; prepare the data again "
+            "(dist-train data prepare ... --overwrite) or point data.path / data.shard_urls at a complete copy"
+        )
+    return DataError(f"shard {shard_name} cannot be opened ({url}): {type(error).__name__}: {_first_arg(error)}")
 
 
 def _first_arg(error: BaseException) -> str:
