@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -30,7 +30,9 @@ from .lineage import RunInfo
 from .models import ModelSpec, build_model, model_spec
 from .optim import apply_hyperparameters, build_optimizer, build_scheduler
 from .strategies import Strategy, build_strategy
+from .runlog import model_summary
 from .tracking import ConsoleLog, Tracker, build_tracker
+from .user import UserParts
 
 
 class TrainingInterrupted(RuntimeError):
@@ -126,24 +128,30 @@ class Trainer:
         self.stop_requested = False  # set from a signal handler; acted on at a step boundary by all ranks
         self.skips = SkipCounter(strategy.device) if cfg.train.precision == "fp16" else None
         self._skipped_before = 0  # skipped steps restored from the checkpoint; self.skips counts this process's
+        self.model_summary = ""
+        # name -> fn(outputs, targets) giving one value per sample; averaged exactly over the eval split
+        self.metrics: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
 
     # ------------------------------------------------------------ assembly
 
     @classmethod
-    def build(cls, cfg: Config, dist_env: DistEnv, run: Optional[RunInfo] = None) -> "Trainer":
-        """`run`: the identity and resume plan `RunDirectory.open` decided (None: detached, see RunInfo)."""
+    def build(cls, cfg: Config, dist_env: DistEnv, run: Optional[RunInfo] = None, parts: Optional[UserParts] = None) -> "Trainer":
+        """`run`: the identity and resume plan `RunDirectory.open` decided (None: detached, see RunInfo).
+        `parts`: a user's own model, datasets and metrics (the Python API) in place of the config's."""
+        parts = parts or UserParts()
         console = ConsoleLog(dist_env, cfg.train.progress_bar)
         arithmetic = batch_arithmetic(cfg.train, dist_env.world_size)
-        spec = model_spec(cfg.model)
+        spec = parts.model_spec(cfg.model) if parts.model is not None else model_spec(cfg.model)
         strategy = build_strategy(cfg, dist_env, arithmetic)
-        data = build_data(cfg, spec, arithmetic, dist_env)
+        data = parts.data(cfg, arithmetic, dist_env) if parts.train_dataset is not None else build_data(cfg, spec, arithmetic, dist_env)
         if cfg.train.deterministic:
             note = use_deterministic_algorithms(dist_env.torch_device)
             if note:
                 console.print(note)
         # Same seed on every rank: identical initial replicas (DDP would broadcast anyway; ZeRO does not).
         seed_everything(cfg.train.seed)
-        model = build_model(cfg.model)
+        model = parts.build_model() if parts.model is not None else build_model(cfg.model)
+        summary = model_summary(model) + (f"; weights loaded from {cfg.model.weights}" if cfg.model.weights else "")
         optimizer = build_optimizer(cfg.optim, model, fused=strategy.wants_fused_optimizer)
         total_steps = planned_total_steps(cfg, data.train.steps_per_epoch)
         scheduler = build_scheduler(cfg.optim, optimizer, total_steps)
@@ -152,7 +160,10 @@ class Trainer:
         seed_everything(cfg.train.seed + dist_env.global_rank)
         checkpointer = Checkpointer(cfg, dist_env, strategy, run)
         tracker = build_tracker(cfg, dist_env)
-        return cls(cfg, dist_env, arithmetic, spec, data, strategy, checkpointer, tracker, console)
+        trainer = cls(cfg, dist_env, arithmetic, spec, data, strategy, checkpointer, tracker, console)
+        trainer.model_summary = summary
+        trainer.metrics = dict(parts.metrics)
+        return trainer
 
     def stateful(self) -> dict[str, Any]:
         """Everything besides model/optimizer/scheduler that a checkpoint must hold for an exact resume."""
@@ -172,6 +183,8 @@ class Trainer:
         total_steps = planned_total_steps(cfg, steps_per_epoch)
         console.print(f"dist_train: {self.dist_env.describe()} strategy={self.strategy.name} precision={cfg.train.precision}")
         console.print(f"batch: {self.arithmetic.describe()}")
+        if self.model_summary:
+            console.print(f"model: {self.model_summary}")
         console.print(
             f"data: {self.data.num_train_samples} train samples -> {steps_per_epoch} steps/epoch "
             f"({train_loader.dropped_per_epoch} samples/epoch dropped to keep global batches full); "
@@ -360,7 +373,10 @@ class Trainer:
         """Collective: check, make every rank hold the same buffers, save."""
         self._check_finite(window)
         self.strategy.sync_buffers()
-        self.checkpointer.save(self.progress.optimizer_step, self.stateful())
+        started = time.perf_counter()
+        path = self.checkpointer.save(self.progress.optimizer_step, self.stateful())
+        how = "writing in the background" if self.cfg.checkpoint.async_save and self.strategy.name == "ddp" else "saved"
+        self.console.print(f"checkpoint: {how} {path} ({time.perf_counter() - started:.1f}s)")
 
     def _log(self, window: StepWindow, bar: Any) -> tuple[bool, bool]:
         """Collective at log steps: one all-gather carries every rank's loss totals, first non-finite step,
@@ -414,6 +430,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         correct = torch.zeros((), device=device, dtype=torch.float64)
         count = torch.zeros((), device=device, dtype=torch.float64)
+        extra = torch.zeros(len(self.metrics), device=device, dtype=torch.float64)
         for inputs, targets, weights in self.data.eval:
             inputs, targets, weights = inputs.to(device), targets.to(device), weights.to(device, torch.float64)
             with strategy.autocast():
@@ -426,14 +443,18 @@ class Trainer:
                 per_sample = F.mse_loss(outputs, targets.float(), reduction="none").flatten(1).mean(dim=1)
             loss_sum += (per_sample.double() * weights).sum()
             count += weights.sum()
-        totals = strategy.all_reduce_sum(torch.stack([loss_sum, correct, count]))
+            for i, metric in enumerate(self.metrics.values()):
+                extra[i] += (metric(outputs, targets).detach().reshape(-1).double() * weights).sum()
+        totals = strategy.all_reduce_sum(torch.cat([torch.stack([loss_sum, correct, count]), extra]))
         n = max(totals[2].item(), 1.0)
         metrics = {"eval/loss": totals[0].item() / n, "eval/samples": int(totals[2].item())}
         if self.spec.task == "classification":
             metrics["eval/accuracy"] = totals[1].item() / n
         else:
             metrics["eval/mse"] = metrics["eval/loss"]
-        self.console.print("eval: " + "  ".join(f"{k.split('/')[1]}={v:.4f}" if isinstance(v, float) else f"{k.split('/')[1]}={v}" for k, v in metrics.items()))
+        for i, name in enumerate(self.metrics):
+            metrics[f"eval/{name}"] = totals[3 + i].item() / n
+        self.console.print(f"eval at step {self.progress.optimizer_step}: " + "  ".join(f"{k.split('/')[1]}={v:.4f}" if isinstance(v, float) else f"{k.split('/')[1]}={v}" for k, v in metrics.items()))
         self.tracker.log(metrics, step=self.progress.optimizer_step)
         return metrics
 
