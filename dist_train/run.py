@@ -99,12 +99,15 @@ def train(config: Any, overrides: Sequence[str] = (), parts: Any = None, result:
             for note in run_dir.info.notes:
                 print(f"dist-train: {note}", flush=True)
             atomic_write(Path(cfg.output_dir) / "config.yaml", cfg.to_yaml())
+        # Model, data, strategy and batch arithmetic are checked here, before the config is shown.
+        trainer = Trainer.build(cfg, dist_env, run_dir.info, parts)
+        if dist_env.is_main:
             name = config if isinstance(config, (str, Path)) else "config"
             changes = config_changes(config, cfg)
-            print(f"config: {name}" + (f", {len(changes)} key(s) changed:" if changes else " as written") + f" (resolved: {Path(cfg.output_dir) / 'config.yaml'})", flush=True)
+            where = f"full resolved config: {Path(cfg.output_dir) / 'config.yaml'}"
+            print(f"config: {name}, " + (f"{len(changes)} key(s) changed ({where}):" if changes else f"as written ({where})"), flush=True)
             for change in changes:
                 print(f"  {change}", flush=True)
-        trainer = Trainer.build(cfg, dist_env, run_dir.info, parts)
         with stop_on_signals(trainer, cfg.train.preemption_signal, announce=dist_env.is_main) as stop_signals:
             summary = trainer.fit()
         if result is not None:

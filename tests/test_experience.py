@@ -198,7 +198,7 @@ def test_eval_of_a_2_process_zero3_checkpoint_on_1_process_without_strategy_flag
 
 def test_eval_errors_speak_of_checkpoint(tmp_path):
     result = dist_train(["eval", f"checkpoint={tmp_path / 'nothing'}"], check=False)
-    assert result.returncode == 1 and "checkpoint=" in result.stderr and "train.resume" not in result.stderr
+    assert result.returncode != 0 and "checkpoint=" in result.stderr and "train.resume" not in result.stderr
 
 
 def test_the_console_script_imports_a_model_module_from_the_current_directory(tmp_path):
@@ -207,3 +207,27 @@ def test_the_console_script_imports_a_model_module_from_the_current_directory(tm
     result = run([script, "train", str(REPO / "configs" / "mlp_digits.yaml"), "model.name=mymodels:Tiny", "model.input_shape=[1,8,8]", "model.task=classification",
                   "data.source=digits", "train.max_steps=2", "output_dir=out"], cwd=tmp_path, env={"PYTHONPATH": str(REPO)})  # fmt: skip
     assert "done: 2 optimizer steps" in result.stdout
+
+
+# ---------------------------------------------------------------- accelerate asked for N, started 1
+
+
+def test_accelerate_asked_for_two_processes_but_starting_one_is_refused_in_one_line(tmp_path):
+    accelerate = Path(sys.executable).parent / "accelerate"
+    env = {"HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf")}  # no default accelerate config of the machine's user
+    result = run([accelerate, "launch", "--quiet", "--num_processes", "2", "-m", "dist_train", "train", "configs/cnn_digits.yaml",
+                  f"output_dir={tmp_path / 'out'}"], env=env, check=False, timeout=120)  # fmt: skip
+    assert result.returncode != 0
+    lines = [line for line in result.output.splitlines() if line.startswith("dist-train:")]
+    assert len(lines) == 1 and "launch error: accelerate launch was asked for several processes" in lines[0]
+    assert "configs/accelerate/ddp.yaml" in lines[0] and not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_a_multi_cpu_accelerate_environment_is_told_apart_from_a_real_single_process_launch():
+    from dist_train.env import LaunchError, detect_environment
+
+    multi_cpu = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    with pytest.raises(LaunchError, match="asked for several processes"):
+        detect_environment(multi_cpu)
+    single = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_CPU": "True"}
+    assert detect_environment(single).world_size == 1

@@ -72,6 +72,7 @@ def test_dry_run_prints_the_torchrun_command(capsys):
     out = capsys.readouterr().out
     assert "batch: global batch 64 = micro batch 16 x 4 ranks x 1 accumulation steps" in out
     assert "without periodic checkpoints restarts from step 0; set checkpoint.interval_steps" in out
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 " in out  # what the real launch sets, shown (issue 17)
     assert (
         "-m torch.distributed.run --nproc_per_node 2 --nnodes 2 --node_rank 0 --rdzv_backend c10d --rdzv_endpoint node1:29400 "
         "--rdzv_id dist_train --max_restarts 1 -m dist_train train configs/cnn_digits.yaml train.max_steps=4"
