@@ -69,7 +69,7 @@ def visible_lines(text: str) -> list[str]:
 def terminal_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("terminal") / "run"
     cmd = [*TORCHRUN, "--master_port", str(free_port()), "-m", "dist_train", "train", "configs/cnn_digits.yaml",
-           "train.epochs=2", "train.log_interval=5", f"output_dir={out}"]  # fmt: skip
+           "train.epochs=1", "train.log_interval=3", "checkpoint.interval_steps=10", f"output_dir={out}"]  # fmt: skip
     status, text = on_terminal(cmd)
     assert status == 0, text[-3000:]
     return out, text
@@ -78,8 +78,8 @@ def terminal_run(tmp_path_factory):
 def test_log_lines_are_never_glued_to_the_progress_bar(terminal_run):
     _, text = terminal_run
     assert "%|" in text  # a bar was drawn (the workers saw a terminal)
-    step_lines = [line for line in visible_lines(text) if re.search(r"step +\d+/\d+ \|", line)]
-    assert len(step_lines) >= 8
+    step_lines = [line for line in visible_lines(text) if re.search(r"step +\d+(/\d+)? \| epoch", line)]
+    assert len(step_lines) >= 7
     for line in step_lines:
         assert line.startswith("step"), f"log line glued to a bar: {line!r}"
         assert "%|" not in line and "it/s" not in line
@@ -89,22 +89,22 @@ def test_log_lines_carry_step_total_elapsed_and_eta_and_eval_lines_their_step(te
     _, text = terminal_run
     lines = visible_lines(text)
     step_lines = [line for line in lines if line.startswith("step ")]
-    assert all(re.search(r"step +\d+/44 \|.* elapsed \d\d:\d\d \| eta \d\d:\d\d", line) for line in step_lines), step_lines
-    assert any(line.startswith("eval at step 22:") for line in lines) and any(line.startswith("eval at step 44:") for line in lines)
-    assert any(re.match(r"checkpoint: saved .*step-00000044 \(\d+\.\ds\)", line) for line in lines)
+    assert all(re.search(r"step +\d+/22 \|.* elapsed \d\d:\d\d \| eta \d\d:\d\d", line) for line in step_lines), step_lines
+    assert any(line.startswith("eval at step 22:") for line in lines)
+    assert any(re.match(r"checkpoint: saved .*step-00000010 \(\d+\.\ds\)", line) for line in lines)
     assert any(line.startswith("model: CNN: 28,938 parameters (28,938 trainable, 0 frozen)") for line in lines)
     # The resolved config goes to config.yaml; the terminal shows what differs from the preset.
     assert not any(line.startswith("resolved config") for line in lines)
-    assert "  train.epochs: 10 -> 2" in lines
+    assert "  train.epochs: 10 -> 1" in lines
 
 
 def test_the_run_directory_holds_logs_history_and_a_picture(terminal_run):
     out, text = terminal_run
     console = (out / "logs" / "console.log").read_text()
-    assert "done: 44 optimizer steps" in console and "step 44/44" in console and "%|" not in console
+    assert "done: 22 optimizer steps" in console and "step 21/22" in console and "%|" not in console
     assert (out / "logs" / "rank-0.log").exists() and (out / "logs" / "rank-1.log").exists()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [5, 10, 15, 20, 22, 25, 30, 35, 40, 44]
+    assert [r["step"] for r in rows] == [3, 6, 9, 12, 15, 18, 21, 22]
     assert rows[-1]["eval/accuracy"] == json.loads((out / "summary.json").read_text())["eval"]["eval/accuracy"]
     from PIL import Image
 
@@ -196,9 +196,15 @@ def test_eval_of_a_2_process_zero3_checkpoint_on_1_process_without_strategy_flag
     assert "torch.distributed is disabled" not in result.output
 
 
-def test_eval_errors_speak_of_checkpoint(tmp_path):
-    result = dist_train(["eval", f"checkpoint={tmp_path / 'nothing'}"], check=False)
-    assert result.returncode != 0 and "checkpoint=" in result.stderr and "train.resume" not in result.stderr
+def test_eval_errors_speak_of_checkpoint(tmp_path, capsys):
+    from dist_train.cli import main
+
+    assert main(["eval", f"checkpoint={tmp_path / 'nothing'}"]) != 0
+    err = capsys.readouterr().err
+    assert "checkpoint=" in err and "train.resume" not in err
+    torch.save({}, tmp_path / "model.pt")  # a weights file with no config.yaml beside it
+    assert main(["eval", f"checkpoint={tmp_path / 'model.pt'}"]) == 2
+    assert "also give the CONFIG it was trained with" in capsys.readouterr().err
 
 
 def test_the_console_script_imports_a_model_module_from_the_current_directory(tmp_path):
