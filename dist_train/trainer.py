@@ -270,8 +270,11 @@ class Trainer:
         return summary
 
     def _resume(self) -> None:
-        resumed = self.checkpointer.resume(self.checkpointer.run.resume, self.stateful())
+        plan = self.checkpointer.run.resume
+        resumed = self.checkpointer.resume(plan, self.stateful())
         if resumed is None:
+            if plan.kind == "auto":  # a run whose first attempt ended before its first checkpoint
+                self.console.print(f"train.resume=auto: no checkpoint of run {self.checkpointer.run.run_id} yet; starting at optimizer step 0")
             return
         path, changes = resumed
         self._skipped_before = self.progress.skipped_steps

@@ -52,7 +52,7 @@ def scalars(log_dir: Path) -> dict[str, dict[int, float]]:
 
 
 def console_losses(output: str) -> dict[int, float]:
-    return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"step\s+(\d+) \| epoch \d+ \| loss ([\d.]+)", output)}
+    return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"step\s+(\d+)(?:/\d+)? \| epoch \d+ \| loss ([\d.]+)", output)}
 
 
 # ---------------------------------------------------------------- real 2-process jobs
