@@ -48,9 +48,9 @@ def measure(directory: Path, repeats: int) -> dict:
                                      f"checkpoint.keep_latest={repeats + 1}", "optim.name=adam", f"train.global_batch_size={2 * dist_env.world_size}", "train.micro_batch_size=2"])
             strategy = build_strategy(cfg, dist_env, batch_arithmetic(cfg.train, dist_env.world_size))
             torch.manual_seed(0)
-            model = build_model(cfg.model)
-            optimizer = build_optimizer(cfg.optim, model)
-            strategy.setup(model, optimizer, build_scheduler(cfg.optim, optimizer, 100))
+            strategy.setup_module(build_model(cfg.model))
+            optimizer = build_optimizer(cfg.optim, strategy.unwrapped_model)
+            strategy.setup_optimizer(optimizer, build_scheduler(cfg.optim, optimizer, 100))
             # One real step so Adam's state (exp_avg, exp_avg_sq) exists and is saved.
             loss = strategy.model(torch.randn(2, 3, 32, 32, device=strategy.device)).sum()
             strategy.backward(loss, True)

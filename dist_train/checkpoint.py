@@ -5,12 +5,14 @@ Layout of OUTPUT_DIR/checkpoints/:
 
 and of each OUTPUT_DIR/checkpoints/step-00000042/:
   meta.json          step, epoch, run id and fingerprint, world size, strategy, versions, resolved config
-  <backend files>    DCP shards (DDP) or DeepSpeed's own layout (ZeRO)
+  <backend files>    whatever the strategy writes: DCP shards (DDP, FSDP2) or DeepSpeed's own layout (ZeRO)
   rank-K.state.pt    per-rank state the backend does not shard (RNG), tensors and plain types only
   trainer.json       trainer progress, data position, tracker run id (identical on every rank)
   COMPLETE           written last; a directory without it is never loaded
 
-Every rank calls save and load; the strategy decides who writes what. A crash mid-save leaves only a
+This module knows no backend: the strategy writes and reads its own files in the directory it is handed;
+the checkpointer writes the side state (progress, data position, RNG, tracker) and owns names, markers,
+the index, lineage and retention. Every rank calls save and load. A crash mid-save leaves only a
 `.tmp-step-N` directory, which resume ignores and the next save removes. A checkpoint belongs to the run
 that wrote it (see lineage.py): `resume=auto` and keep-latest-K consider only this run's checkpoints, in
 the index's order, and only those whose meta.json is unchanged since it was written. The main process writes
@@ -18,37 +20,30 @@ meta.json + COMPLETE and renames only once every rank's files are on disk: after
 synchronous save; for `checkpoint.async_save` once DCP's own finish step (which gathers every rank's
 write results) has returned on the main process.
 
-Loading never unpickles arbitrary objects: per-rank files load with `weights_only=True`, DCP's pickled
-`.metadata` goes through an allow-list unpickler, and DCP's non-tensor items load with `weights_only=True`.
+Loading never unpickles arbitrary objects: per-rank files and trainer state load with `weights_only=True`
+or as JSON (strategies/dcp.py does the same for DCP's files).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import enum
 import hashlib
-import io
 import json
 import os
-import pickle
 import platform
 import shutil
 import time
-import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 
 from .config import Config, ConfigError
 from .env import DistEnv
+from .errors import CheckpointError
 from .files import atomic_write, fsync_dir, write_synced
 from .lineage import ResumePlan, RunInfo
 from .resume_semantics import resume_changes
-
-if TYPE_CHECKING:
-    from .strategies.base import Strategy
 
 COMPLETE_MARKER = "COMPLETE"
 META_FILE = "meta.json"
@@ -57,10 +52,6 @@ INDEX_FILE = "index.json"
 STEP_PREFIX = "step-"
 TMP_PREFIX = ".tmp-step-"
 TRASH_PREFIX = ".trash-"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; the message says which file and what differs."""
 
 
 def step_dir_name(step: int) -> str:
@@ -235,182 +226,6 @@ def load_side_state(directory: Path, extra_state: dict, dist_env: DistEnv) -> No
     # A rank that did not exist when the checkpoint was written keeps its fresh seed (seed + rank).
 
 
-# ---------------------------------------------------------------- DCP (the DDP strategy's format)
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """DCP pickles its `.metadata`; allow only DCP's metadata dataclasses/enums and the few torch values they hold."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        if module.startswith("torch.distributed.checkpoint."):
-            obj = super().find_class(module, name)
-            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
-                return obj
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
-            return getattr(torch, name)
-        raise CheckpointError(f"checkpoint metadata refers to {module}.{name}, which a DCP .metadata file never holds; refusing to load it")
-
-
-_ALLOWED_GLOBALS = {
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"),
-    ("pathlib", "WindowsPath"),
-    ("pathlib", "PureWindowsPath"),
-    ("collections", "OrderedDict"),
-}
-
-
-def _safe_reader(directory: Path) -> Any:
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class SafeFileSystemReader(FileSystemReader):
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            rank = kwargs.get("rank")
-            with self.fs.create_stream(self._get_metadata_path(rank), "rb") as stream:
-                metadata = _MetadataUnpickler(stream).load()
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return SafeFileSystemReader(str(directory))
-
-
-def _safe_load_bytes(planner: Any, read_item: Any, value: io.BytesIO) -> None:
-    """DefaultLoadPlanner.load_bytes with weights_only=True (torch's own uses weights_only=False)."""
-    from torch.distributed.checkpoint._traverse import set_element
-
-    loaded = torch.load(value, weights_only=True)
-    if planner.flatten_state_dict:
-        set_element(planner.original_state_dict, planner.mappings[read_item.dest_index.fqn], loaded)
-    else:
-        planner.state_dict[read_item.dest_index.fqn] = loaded
-
-
-def _safe_planner(empty: bool = False) -> Any:
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
-
-    base = _EmptyStateDictLoadPlanner if empty else DefaultLoadPlanner
-
-    class SafeLoadPlanner(base):  # type: ignore[misc, valid-type]
-        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-            _safe_load_bytes(self, read_item, value)
-
-    return SafeLoadPlanner()
-
-
-def read_dcp_metadata(directory: Path) -> Any:
-    try:
-        return _safe_reader(directory).read_metadata()
-    except (OSError, pickle.UnpicklingError, EOFError) as e:
-        raise CheckpointError(f"{directory}/.metadata is missing or unreadable ({e}); the checkpoint is damaged") from None
-
-
-def check_model_fits(directory: Path, model_state: dict, model_name: str) -> None:
-    """Name the parameter that differs (missing, unexpected or another shape) before DCP fails opaquely."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    saved = {
-        fqn[len("model.") :]: list(md.size)
-        for fqn, md in read_dcp_metadata(directory).state_dict_metadata.items()
-        if fqn.startswith("model.") and isinstance(md, TensorStorageMetadata)
-    }
-    current = {k: list(v.shape) for k, v in model_state.items() if isinstance(v, torch.Tensor)}
-    where = f"checkpoint {directory} does not fit this model (model.name={model_name})"
-    for key, shape in current.items():
-        if key not in saved:
-            raise CheckpointError(f"{where}: '{key}' is in this model but not in the checkpoint")
-        if saved[key] != shape:
-            raise CheckpointError(f"{where}: '{key}' has shape {saved[key]} in the checkpoint and {shape} in this model")
-    unexpected = sorted(set(saved) - set(current))
-    if unexpected:
-        raise CheckpointError(f"{where}: '{unexpected[0]}' is in the checkpoint but not in this model ({len(unexpected)} such keys)")
-
-
-def _dcp_state(strategy: "Strategy") -> dict:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_state, optim_state = get_state_dict(strategy.unwrapped_model, strategy.optimizer)
-    return {
-        "model": model_state,
-        "optimizer": optim_state,
-        "scheduler": strategy.scheduler.state_dict(),
-        "scaler": strategy.scaler.state_dict(),
-    }
-
-
-def _async_process_group(strategy: "Strategy") -> Any:
-    """A gloo group of the checkpoint's own: on the default group the save thread's collectives interleave
-    with DDP's all-reduces and both sides wait forever (measured: the save thread sits in a broadcast
-    while DDP sits in its all-reduce)."""
-    import torch.distributed as dist
-
-    if not strategy.dist_env.distributed:
-        return None
-    group = getattr(strategy, "_checkpoint_process_group", None)
-    if group is None:
-        timeout = datetime.timedelta(seconds=strategy.cfg.strategy.timeout_seconds)
-        group = dist.new_group(backend="gloo", timeout=timeout)  # collective: every rank saves at the same step
-        strategy._checkpoint_process_group = group  # type: ignore[attr-defined]
-    return group
-
-
-def dcp_save(strategy: "Strategy", directory: Path, extra_state: dict) -> Optional[Any]:
-    """Writes model/optimizer/scheduler/scaler with DCP plus the side state. With checkpoint.async_save the
-    state is copied to CPU here and written by a background thread: returns its Future (else None)."""
-    import torch.distributed.checkpoint as dcp
-
-    state = _dcp_state(strategy)
-    save_side_state(directory, extra_state, strategy.dist_env)
-    if strategy.cfg.checkpoint.async_save:
-        return dcp.async_save(state, checkpoint_id=str(directory), process_group=_async_process_group(strategy))
-    dcp.save(state, checkpoint_id=str(directory))
-    return None
-
-
-def dcp_load(strategy: "Strategy", directory: Path, extra_state: dict) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    state = _dcp_state(strategy)
-    check_model_fits(directory, state["model"], strategy.cfg.model.name)
-    try:
-        dcp.load(state, storage_reader=_safe_reader(directory), planner=_safe_planner())
-    except CheckpointError:
-        raise
-    except Exception as e:  # DCP raises a CheckpointException wrapping per-rank tracebacks
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {directory} does not fit this model/optimizer: {first}") from None
-    set_state_dict(strategy.unwrapped_model, strategy.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    strategy.scheduler.load_state_dict(state["scheduler"])
-    if state["scaler"]:
-        strategy.scaler.load_state_dict(state["scaler"])
-    load_side_state(directory, extra_state, strategy.dist_env)
-
-
-def load_dcp_full(directory: Path) -> dict:
-    """The whole DCP checkpoint in this process, without a process group: {model, optimizer, scheduler, scaler}."""
-    # The private loader, as torch's own dcp_to_torch_save uses: the public `dcp.load` only fills keys the
-    # caller already has, and the empty-state planner is how DCP rebuilds a state dict from the metadata.
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    read_dcp_metadata(directory)  # refuses unsafe metadata with its own message (DCP would wrap the error)
-    state: dict = {}
-    try:
-        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-            warnings.simplefilter("ignore", UserWarning)
-            _load_state_dict(state, storage_reader=_safe_reader(directory), planner=_safe_planner(empty=True), no_dist=True)
-    except Exception as e:  # DCP wraps per-rank failures (a missing shard file, a refused pickle) in one exception
-        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {directory} cannot be read: {first}") from None
-    return state
-
-
 # ---------------------------------------------------------------- the manager
 
 
@@ -434,7 +249,8 @@ class Checkpointer:
     lineage (a checkpoint belongs to the run that wrote it) and retention.
     """
 
-    def __init__(self, cfg: Config, dist_env: DistEnv, strategy: "Strategy", run: Optional[RunInfo] = None) -> None:
+    def __init__(self, cfg: Config, dist_env: DistEnv, strategy: Any, run: Optional[RunInfo] = None) -> None:
+        """`strategy`: any backend with save_checkpoint / load_checkpoint / barrier / broadcast_object."""
         self.cfg = cfg
         self.dist_env = dist_env
         self.strategy = strategy
@@ -477,7 +293,9 @@ class Checkpointer:
             tmp.mkdir()
         self.strategy.barrier()
         meta = self._meta(step, extra_state)  # progress as of this step, before training moves on
-        future = self.strategy.save_checkpoint(tmp, extra_state)
+        # Side files first: once the backend's (possibly background) write completes, everything is on disk.
+        save_side_state(tmp, extra_state, self.dist_env)
+        future = self.strategy.save_checkpoint(tmp)
         self.last_saved_step = step
         self.last_save_time = time.monotonic()
         if future is not None:
@@ -500,6 +318,7 @@ class Checkpointer:
             "fingerprint": self.run.fingerprint,
             "world_size": self.dist_env.world_size,
             "strategy": self.strategy.name,
+            "format": self.strategy.checkpoint_format,
             "async_save": self.cfg.checkpoint.async_save,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": {"torch": torch.__version__, "python": platform.python_version()},
@@ -591,7 +410,8 @@ class Checkpointer:
         path = Path(decision)
         meta = read_meta(path)
         changes = resume_changes(meta.get("config", {}), self.cfg, str(path))
-        self.strategy.load_checkpoint(path, extra_state)
+        self.strategy.load_checkpoint(path, meta)
+        load_side_state(path, extra_state, self.dist_env)
         self.last_saved_step = meta["step"]
         return path, changes
 

@@ -42,11 +42,12 @@ class ModelConfig:
     freeze_backbone: bool = _f(False, "resnet18: train only the new fc layer (the tutorial's fixed feature extractor)")
     weights: Optional[str] = _f(None, "local file with pretrained weights (a state_dict); never downloaded at run time")
     image_size: Optional[int] = _f(None, "resnet18: input height/width (default 32 on digits, 224 in the tutorial)")
+    loss: Optional[str] = _f(None, "'package.module:function' computing loss(outputs, batch); default: the model's own loss(outputs, batch) method, else cross-entropy / MSE by model.task")
 
 
 @dataclass
 class DataConfig:
-    source: str = _f("digits", "digits | synthetic_linear | random | fashion_mnist | mnist | cifar10 | image_folder | shards")
+    source: str = _f("digits", "digits | synthetic_linear | random | fashion_mnist | mnist | cifar10 | image_folder | shards, or 'package.module:function' returning (train, eval) map-style datasets")
     path: Optional[str] = _f(None, "dataset root (torchvision formats, image folder) or shard directory (source=shards)")
     download: bool = _f(False, "torchvision sources: download into data.path when missing (needs network)")
     num_samples: int = _f(1024, "synthetic_linear / random: number of generated samples")
@@ -103,11 +104,13 @@ class CheckpointConfig:
 
 @dataclass
 class StrategyConfig:
-    name: Literal["ddp", "deepspeed"] = _f("ddp", "ddp (also plain single process) or deepspeed")
+    name: str = _f("ddp", "ddp (also plain single process), fsdp2 (torch's fully_shard) or deepspeed")
     backend: Optional[Literal["nccl", "gloo"]] = _f(None, "process group backend; default nccl on CUDA, gloo on CPU")
     timeout_seconds: float = _f(1800.0, "collective timeout: a rank that stops answering fails the job after this")
     find_unused_parameters: bool = _f(False, "DDP: set when some parameters get no gradient in a step")
     sync_batchnorm: bool = _f(False, "DDP on CUDA: BatchNorm statistics over the whole global micro-batch (SyncBatchNorm) instead of per rank")
+    reshard_after_forward: bool = _f(True, "fsdp2: free each block's gathered parameters after its forward (less memory, one more all-gather in backward)")
+    cpu_offload: bool = _f(False, "fsdp2 on CUDA: keep sharded parameters, gradients and optimizer state in CPU memory")
     zero_stage: int = _f(2, "deepspeed: ZeRO stage 1, 2 or 3")
     deepspeed_config: Optional[str] = _f(None, "deepspeed: JSON config passed through (configs/deepspeed/*.json)")
 
@@ -312,6 +315,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.test_fraction must be between 0 and 1, got {cfg.data.test_fraction}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    from .strategies import STRATEGIES  # the registry: a new backend is known by its registration line
+
+    if cfg.strategy.name not in STRATEGIES:
+        raise ConfigError(f"strategy.name={cfg.strategy.name!r} is not allowed; set strategy.name to one of: {' | '.join(STRATEGIES)}")
     if cfg.strategy.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"strategy.zero_stage must be 1, 2 or 3, got {cfg.strategy.zero_stage}")
     if t.max_consecutive_skipped_steps < 1:

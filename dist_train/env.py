@@ -246,6 +246,9 @@ class AccelerateSettings:
     grad_clip: Optional[float] = None
     deepspeed_config_file: Optional[str] = None
     use_fsdp: bool = False
+    fsdp_version: Optional[int] = None
+    fsdp_reshard_after_forward: Optional[bool] = None
+    fsdp_offload_params: Optional[bool] = None
 
 
 class AccelerateEnvironment(TorchElasticEnvironment):
@@ -288,7 +291,15 @@ class AccelerateEnvironment(TorchElasticEnvironment):
             grad_clip=optional("ACCELERATE_GRADIENT_CLIPPING", float),  # type: ignore[arg-type]
             deepspeed_config_file=env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None,
             use_fsdp=env.get("ACCELERATE_USE_FSDP", "").lower() == "true",
+            fsdp_version=optional("FSDP_VERSION", int),  # type: ignore[arg-type]
+            fsdp_reshard_after_forward=_optional_bool(env, "FSDP_RESHARD_AFTER_FORWARD"),
+            fsdp_offload_params=_optional_bool(env, "FSDP_OFFLOAD_PARAMS"),
         )
+
+
+def _optional_bool(env: Mapping[str, str], key: str) -> Optional[bool]:
+    value = env.get(key, "").strip().lower()
+    return {"true": True, "false": False}.get(value)  # FSDP1's sharding-strategy names here mean "not said"
 
 
 class OpenMPIEnvironment(_Detector):
@@ -668,8 +679,11 @@ def reconcile_launcher_settings(cfg: "Config", dist_env: DistEnv, explicit_keys:
     settings = dist_env.accelerate
     if settings is None:
         return []
-    if settings.use_fsdp:
-        raise ConfigError("accelerate's config enables FSDP, which dist_train does not run; use a DDP or DeepSpeed accelerate config (configs/accelerate/)")
+    if settings.use_fsdp and settings.fsdp_version != 2:
+        raise ConfigError(
+            f"accelerate's config enables FSDP version {settings.fsdp_version or 1}, which dist_train does not run; set "
+            "fsdp_version: 2 in it (configs/accelerate/fsdp2.yaml) for strategy.name=fsdp2"
+        )
     taken: list[str] = []
 
     def take(key: str, accelerate_name: str, accelerate_value: object, current: object, apply) -> None:
@@ -690,6 +704,10 @@ def reconcile_launcher_settings(cfg: "Config", dist_env: DistEnv, explicit_keys:
         take("strategy.name", "distributed_type", "deepspeed", cfg.strategy.name, lambda v: setattr(cfg.strategy, "name", v))
         take("strategy.zero_stage", "zero_stage", settings.zero_stage, cfg.strategy.zero_stage, lambda v: setattr(cfg.strategy, "zero_stage", v))
         take("strategy.deepspeed_config", "deepspeed_config_file", settings.deepspeed_config_file, cfg.strategy.deepspeed_config, lambda v: setattr(cfg.strategy, "deepspeed_config", v))
+    if settings.use_fsdp:
+        take("strategy.name", "distributed_type", "fsdp2", cfg.strategy.name, lambda v: setattr(cfg.strategy, "name", v))
+        take("strategy.reshard_after_forward", "fsdp_reshard_after_forward", settings.fsdp_reshard_after_forward, cfg.strategy.reshard_after_forward, lambda v: setattr(cfg.strategy, "reshard_after_forward", v))
+        take("strategy.cpu_offload", "fsdp_offload_params", settings.fsdp_offload_params, cfg.strategy.cpu_offload, lambda v: setattr(cfg.strategy, "cpu_offload", v))
     take("train.grad_clip", "gradient_clipping", settings.grad_clip, cfg.train.grad_clip, lambda v: setattr(cfg.train, "grad_clip", v))
     if settings.grad_accum_steps is not None:
         derived = batch_arithmetic(cfg.train, dist_env.world_size).grad_accum_steps
@@ -742,6 +760,22 @@ def init_process_group(dist_env: DistEnv, backend: str, timeout_seconds: float) 
         timeout=timedelta(seconds=timeout_seconds),
         **bound,
     )
+
+
+def init_single_process_group(dist_env: DistEnv) -> bool:
+    """A process group of one for a backend that needs one even alone (DeepSpeed, FSDP2); dist_train itself
+    runs a single process without a group. Returns True when it created the group (the caller destroys it)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    dist.init_process_group(
+        "nccl" if dist_env.device.startswith("cuda") else "gloo",
+        init_method=f"tcp://{dist_env.master_addr}:{dist_env.master_port}",
+        rank=0,
+        world_size=1,
+    )
+    return True
 
 
 def broadcast_from_main(obj: object, dist_env: DistEnv) -> object:

@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Optional
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message says which file and what differs."""
+
+
 def user_facing_message(error: BaseException) -> Optional[str]:
-    from .checkpoint import CheckpointError
     from .env import LaunchError
 
     user_errors: tuple[type[BaseException], ...] = (CheckpointError, LaunchError, FloatingPointError)

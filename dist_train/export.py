@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import CheckpointError, find_checkpoint, load_dcp_full, read_meta
+from .checkpoint import CheckpointError, find_checkpoint, read_meta
 from .files import atomic_write
 
 
@@ -51,6 +51,8 @@ def load_full_checkpoint(path: Path, meta: dict) -> tuple[dict, Optional[dict]]:
 
         # DeepSpeed's consolidation yields the fp32 weights only; its optimizer partitions stay behind.
         return consolidated_state_dict(path), None
+    from .strategies.dcp import load_dcp_full
+
     state = load_dcp_full(path)
     if "model" not in state:
         raise CheckpointError(f"checkpoint {path} holds no model state (keys: {sorted(state)}); not a dist_train DCP checkpoint")

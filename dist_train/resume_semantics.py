@@ -25,6 +25,7 @@ APPLIED, REPLANNED, REFUSED = "applied", "replanned", "refused"
 # Longest matching prefix wins. The note says what the change does (applied/replanned) or why it can't (refused).
 RESUME_SEMANTICS: dict[str, tuple[str, str]] = {
     "model": (REFUSED, "the checkpoint holds this model's tensors"),
+    "model.loss": (APPLIED, "the objective from the resumed step on; the weights are the checkpoint's"),
     "model.weights": (APPLIED, "read only by a fresh start; a resume continues from the checkpoint's weights"),
     "data.source": (REFUSED, "the data position counts samples of this source"),
     "data.path": (APPLIED, "the split must have the same number of samples (checked)"),
@@ -56,7 +57,7 @@ RESUME_SEMANTICS: dict[str, tuple[str, str]] = {
     "train.seed": (REFUSED, "the data order of every epoch is a function of the seed"),
     "train": (APPLIED, ""),  # eval/log intervals, resume, start_over, stop_at_step, progress bar, deterministic, signal
     "checkpoint": (APPLIED, ""),
-    "strategy.name": (REFUSED, "DDP (DCP) and DeepSpeed checkpoints have different formats"),
+    "strategy.name": (APPLIED, "DDP and FSDP2 checkpoints are both DCP and load into each other; DeepSpeed's are refused by name"),
     "strategy.zero_stage": (REFUSED, "the checkpoint holds partitions of this ZeRO stage"),
     "strategy": (APPLIED, ""),
     "tracking": (APPLIED, ""),

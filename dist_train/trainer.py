@@ -19,8 +19,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .batches import batch_size, model_input, resolve_loss, select, task_loss, to_device
 from .checkpoint import Checkpointer
-from .config import BatchArithmetic, Config, batch_arithmetic
+from .config import BatchArithmetic, Config, ConfigError, batch_arithmetic
 from .data import DataBundle, build_data
 from .determinism import use_deterministic_algorithms
 from .env import DistEnv
@@ -95,12 +96,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def loss_function(task: str, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    if task == "classification":
-        return F.cross_entropy(outputs.float(), targets)
-    return F.mse_loss(outputs.float(), targets.float())
-
-
 class Trainer:
     def __init__(
         self,
@@ -113,6 +108,7 @@ class Trainer:
         checkpointer: Checkpointer,
         tracker: Tracker,
         console: ConsoleLog,
+        loss: Optional[Any] = None,
     ) -> None:
         self.cfg = cfg
         self.dist_env = dist_env
@@ -123,6 +119,7 @@ class Trainer:
         self.checkpointer = checkpointer
         self.tracker = tracker
         self.console = console
+        self.custom_loss = loss  # the model's own loss(outputs, batch); None: the tutorial loss for spec.task
         self.progress = TrainProgress()
         self.rng = RNGState(strategy.device)
         self.stop_requested = False  # set from a signal handler; acted on at a step boundary by all ranks
@@ -150,17 +147,20 @@ class Trainer:
                 console.print(note)
         # Same seed on every rank: identical initial replicas (DDP would broadcast anyway; ZeRO does not).
         seed_everything(cfg.train.seed)
+        # Wrap or shard first, then build the optimizer over the parameters the module now has (FSDP2 swaps
+        # in sharded DTensor parameters).
         model = parts.build_model() if parts.model is not None else build_model(cfg.model)
         summary = model_summary(model) + (f"; weights loaded from {cfg.model.weights}" if cfg.model.weights else "")
-        optimizer = build_optimizer(cfg.optim, model, fused=strategy.wants_fused_optimizer)
+        loss = resolve_loss(cfg.model, model)
+        strategy.setup_module(model)
+        optimizer = build_optimizer(cfg.optim, strategy.unwrapped_model, fused=strategy.wants_fused_optimizer)
         total_steps = planned_total_steps(cfg, data.train.steps_per_epoch)
-        scheduler = build_scheduler(cfg.optim, optimizer, total_steps)
-        strategy.setup(model, optimizer, scheduler)
+        strategy.setup_optimizer(optimizer, build_scheduler(cfg.optim, optimizer, total_steps))
         # From here on each rank draws its own random numbers (dropout, augmentation).
         seed_everything(cfg.train.seed + dist_env.global_rank)
         checkpointer = Checkpointer(cfg, dist_env, strategy, run)
         tracker = build_tracker(cfg, dist_env)
-        trainer = cls(cfg, dist_env, arithmetic, spec, data, strategy, checkpointer, tracker, console)
+        trainer = cls(cfg, dist_env, arithmetic, spec, data, strategy, checkpointer, tracker, console, loss)
         trainer.model_summary = summary
         trainer.metrics = dict(parts.metrics)
         return trainer
@@ -286,6 +286,14 @@ class Trainer:
             apply_hyperparameters(self.cfg.optim, self.strategy.optimizer, self.strategy.scheduler)
             self.console.print(f"resume: from optimizer step {self.progress.optimizer_step + 1} the LR is {self.strategy.optimizer.param_groups[0]['lr']:.6g}")
 
+    def loss(self, outputs: Any, batch: Any) -> torch.Tensor:
+        """The micro-batch's mean loss."""
+        if self.custom_loss is not None:
+            return self.custom_loss(outputs, batch)
+        if isinstance(batch, dict):
+            raise ConfigError("the data yields dict batches, which the tutorial losses cannot read; set model.loss or give the model a loss(outputs, batch) method")
+        return task_loss(self.spec.task, outputs, batch[1])
+
     def _new_window(self) -> StepWindow:
         return StepWindow(self.strategy.device, self.cfg.train.log_interval, self.progress.optimizer_step + 1)
 
@@ -296,15 +304,14 @@ class Trainer:
         sample_weight = self._sample_weight(step_batches)
         step_loss: Any = None
         first_micro_batch = self.dist_env.global_rank * len(step_batches)
-        for i, (inputs, targets) in enumerate(step_batches):
-            inputs = inputs.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
+        for i, batch in enumerate(step_batches):
+            batch = to_device(batch, device)
             self._seed_micro_batch(first_micro_batch + i)
             with strategy.accumulation_context(i == last):
                 with strategy.autocast():
-                    outputs = strategy.model(inputs)
-                loss = loss_function(self.spec.task, outputs, targets)
-                strategy.backward(loss if sample_weight is None else loss * (inputs.shape[0] * sample_weight), i == last)
+                    outputs = strategy.model(model_input(batch))
+                loss = self.loss(outputs, batch)
+                strategy.backward(loss if sample_weight is None else loss * (batch_size(batch) * sample_weight), i == last)
             step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
             self.progress.micro_step += 1
         result = strategy.optimizer_step(compute_grad_norm=will_log)
@@ -333,7 +340,7 @@ class Trainer:
         small all-reduce per step, so only when skipping is on; None means every micro-batch is full."""
         if not self.cfg.data.skip_bad_samples:
             return None
-        kept = torch.tensor([float(sum(inputs.shape[0] for inputs, _ in step_batches))], device=self.strategy.device)
+        kept = torch.tensor([float(sum(batch_size(batch) for batch in step_batches))], device=self.strategy.device)
         self.strategy.all_reduce_sum(kept)
         # The strategy divides by the accumulation steps and DDP averages over ranks: undo both.
         return (self.dist_env.world_size * self.arithmetic.grad_accum_steps) / kept[0]
@@ -434,11 +441,21 @@ class Trainer:
         correct = torch.zeros((), device=device, dtype=torch.float64)
         count = torch.zeros((), device=device, dtype=torch.float64)
         extra = torch.zeros(len(self.metrics), device=device, dtype=torch.float64)
-        for inputs, targets, weights in self.data.eval:
-            inputs, targets, weights = inputs.to(device), targets.to(device), weights.to(device, torch.float64)
+        for *batch, weights in self.data.eval:
+            batch = to_device(batch[0] if len(batch) == 1 else tuple(batch), device)
+            weights = weights.to(device, torch.float64)
             with strategy.autocast():
-                outputs = strategy.eval_forward(inputs)
-            outputs = outputs.float()
+                outputs = strategy.eval_forward(model_input(batch))
+            if self.custom_loss is not None or isinstance(batch, dict):
+                # A loss of the model's own is a mean over the batch: take it over the real samples only (the
+                # padding sits at the end of a rank's share), times their count. The padded forward above ran
+                # anyway, so sharded models gather their weights the same number of times on every rank.
+                real = int(weights.sum().item())
+                if real:
+                    loss_sum += self.loss(strategy.eval_forward(model_input(select(batch, real))), select(batch, real)).double() * real
+                    count += real
+                continue
+            outputs, targets = outputs.float(), batch[1]
             if self.spec.task == "classification":
                 per_sample = F.cross_entropy(outputs, targets, reduction="none")
                 correct += ((outputs.argmax(dim=1) == targets).double() * weights).sum()
@@ -451,9 +468,9 @@ class Trainer:
         totals = strategy.all_reduce_sum(torch.cat([torch.stack([loss_sum, correct, count]), extra]))
         n = max(totals[2].item(), 1.0)
         metrics = {"eval/loss": totals[0].item() / n, "eval/samples": int(totals[2].item())}
-        if self.spec.task == "classification":
+        if self.custom_loss is None and self.spec.task == "classification":
             metrics["eval/accuracy"] = totals[1].item() / n
-        else:
+        elif self.custom_loss is None:
             metrics["eval/mse"] = metrics["eval/loss"]
         for i, name in enumerate(self.metrics):
             metrics[f"eval/{name}"] = totals[3 + i].item() / n

@@ -15,35 +15,20 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, IterableDataset, default_collate
+from torch.utils.data import IterableDataset
 
 from .config import BatchArithmetic, Config, ConfigError, ModelConfig
 from .env import DistEnv
 
 
-class UserDataset(Dataset):
-    """Gives a user's map-style dataset the batch fetch the loaders use: `__getitems__` -> (inputs, targets)."""
-
-    def __init__(self, dataset: Any, name: str) -> None:
-        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-            raise ConfigError(
-                f"{name}: a {type(dataset).__name__} has no length and index (an iterable dataset); dist_train's "
-                "exactly-once, equal-steps and exact-resume guarantees need a map-style torch Dataset "
-                "(__len__ and __getitem__), or shards written by `dist-train data prepare`"
-            )
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.__getitems__([index])
-
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = default_collate([self.dataset[i] for i in indices])
-        if not isinstance(batch, (list, tuple)) or len(batch) != 2:
-            raise ConfigError(f"each sample of {type(self.dataset).__name__} must be an (input, target) pair")
-        return batch[0], batch[1]
+def require_map_style(dataset: Any, name: str) -> Any:
+    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise ConfigError(
+            f"{name}: a {type(dataset).__name__} has no length and index (an iterable dataset); dist_train's "
+            "exactly-once, equal-steps and exact-resume guarantees need a map-style torch Dataset "
+            "(__len__ and __getitem__), or shards written by `dist-train data prepare`"
+        )
+    return dataset
 
 
 @dataclass
@@ -76,14 +61,10 @@ class UserParts:
         return model
 
     def data(self, cfg: Config, arithmetic: BatchArithmetic, dist_env: DistEnv) -> Any:
-        from .data import DataBundle
-        from .data.loader import EvalLoader, GlobalBatchPlan, MapStyleTrainLoader
+        from .data import user_data_bundle
 
         if self.eval_dataset is None:
             raise ConfigError("train_dataset= needs an eval_dataset= too (the run ends with an exact evaluation on it)")
-        train = UserDataset(self.train_dataset, "train_dataset")
-        evaluation = UserDataset(self.eval_dataset, "eval_dataset")
-        plan = GlobalBatchPlan(len(train), arithmetic.global_batch_size, cfg.train.seed, cfg.data.shuffle)
-        train_loader = MapStyleTrainLoader(train, plan, arithmetic, dist_env, cfg.data.num_workers)  # type: ignore[arg-type]
-        eval_loader = EvalLoader(evaluation, max(arithmetic.micro_batch_size, 256), dist_env)  # type: ignore[arg-type]
-        return DataBundle(train_loader, eval_loader, len(train), len(evaluation))
+        train = require_map_style(self.train_dataset, "train_dataset")
+        evaluation = require_map_style(self.eval_dataset, "eval_dataset")
+        return user_data_bundle(train, evaluation, cfg=cfg, arithmetic=arithmetic, dist_env=dist_env)

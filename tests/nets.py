@@ -28,3 +28,39 @@ class FailsInEvaluation(nn.Module):
         if not self.training:
             raise ValueError("a bad label in the test split")
         return self.linear(x.flatten(1))
+
+
+class DictBatchNet(nn.Module):
+    """A model of a user's own shape: it takes the whole batch (a dict) and brings its own loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, batch):
+        return self.body(batch["pixels"])
+
+    def loss(self, outputs, batch):
+        return nn.functional.cross_entropy(outputs, batch["label"], label_smoothing=0.1)
+
+
+class _DigitDicts:
+    def __init__(self, pixels, labels) -> None:
+        self.pixels, self.labels = pixels, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"pixels": self.pixels[index], "label": self.labels[index]}
+
+
+def digits_as_dicts(data_cfg):
+    """data.source=tests.nets:digits_as_dicts: scikit-learn's digits as {pixels, label} samples."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    return _DigitDicts(pixels[:1400], labels[:1400]), _DigitDicts(pixels[1400:], labels[1400:])

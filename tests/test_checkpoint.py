@@ -24,9 +24,9 @@ from dist_train.checkpoint import (
     CheckpointError,
     complete_checkpoints,
     find_checkpoint,
-    load_dcp_full,
     read_meta,
 )
+from dist_train.strategies.dcp import load_dcp_full
 from dist_train.config import ConfigError, load_config
 from dist_train.data import GlobalBatchPlan, load_source
 from dist_train.data.transforms import adapt_images

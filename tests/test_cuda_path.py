@@ -15,7 +15,7 @@ from dist_train.determinism import CUDA_NOTE, use_deterministic_algorithms
 from dist_train.env import DistEnv
 from dist_train.models import build_model
 from dist_train.optim import build_optimizer, build_scheduler
-from dist_train.strategies import DDPStrategy
+from dist_train.strategies.ddp import DDPStrategy
 from tests.procs import REPO, free_port, worker
 from tests.sync_counter import syncs_per_step
 
@@ -48,9 +48,9 @@ def _ddp_strategy(precision: str, tmp_path: Path) -> DDPStrategy:
     cfg = load_config(REPO / "configs" / "mlp_digits.yaml", ["data.source=digits", f"train.precision={precision}", "optim.name=adam", f"output_dir={tmp_path}"])
     strategy = DDPStrategy(cfg, DistEnv(), batch_arithmetic(cfg.train, 1))
     torch.manual_seed(0)
-    model = build_model(cfg.model)
-    optimizer = build_optimizer(cfg.optim, model, fused=strategy.wants_fused_optimizer)
-    strategy.setup(model, optimizer, build_scheduler(cfg.optim, optimizer, 10))
+    strategy.setup_module(build_model(cfg.model))
+    optimizer = build_optimizer(cfg.optim, strategy.unwrapped_model, fused=strategy.wants_fused_optimizer)
+    strategy.setup_optimizer(optimizer, build_scheduler(cfg.optim, optimizer, 10))
     return strategy
 
 

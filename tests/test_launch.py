@@ -183,3 +183,16 @@ def test_accelerate_launch_deepspeed_zero2_config(tmp_path):
     assert "launcher=accelerate rank=0/2" in result.output and "strategy=deepspeed" in result.output
     assert result.output.count("done: 4 optimizer steps") == 1
     assert json.loads((tmp_path / "summary.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_accelerate_launch_fsdp2_config_trains_and_reports_a_conflicting_key(tmp_path):
+    launch = [*ACCELERATE, "--config_file", "configs/accelerate/fsdp2.yaml", "-m", "dist_train", "train", *CNN_SHORT]
+    result = run([*launch, f"output_dir={tmp_path / 'run'}"], timeout=300)
+    assert "strategy.name=fsdp2 (from accelerate's distributed_type)" in result.output
+    assert "launcher=accelerate rank=0/2" in result.output and "strategy=fsdp2" in result.output
+    assert result.output.count("done: 4 optimizer steps") == 1
+    assert json.loads((tmp_path / "run" / "checkpoints" / "step-00000004" / "meta.json").read_text())["strategy"] == "fsdp2"
+    conflict = run([*launch, "strategy.name=ddp", f"output_dir={tmp_path / 'conflict'}"], timeout=120, check=False)
+    assert conflict.returncode != 0 and not (tmp_path / "conflict" / "config.yaml").exists()
+    assert "accelerate's config sets distributed_type=fsdp2 but the dist_train config sets strategy.name=ddp" in conflict.output

@@ -140,8 +140,10 @@ def test_readme_command(command, tmp_path, capsys):
     assert cli_main(["launch", "--dry-run", "--nproc-per-node", str(nproc), config, *module_args[2:]]) == 0
 
 
-def test_readme_python_example_runs_as_written(tmp_path):
-    (example,) = code_blocks("python")
+def test_readme_python_blocks_compile_and_the_api_example_runs_as_written(tmp_path):
+    for block in code_blocks("python"):
+        compile(block, "README.md", "exec")  # fragments (a model's methods) must at least be valid Python
+    (example,) = [block for block in code_blocks("python") if "dist_train.train(" in block]
     script = tmp_path / "train_mine.py"
     script.write_text(example)
     result = run([sys.executable, str(script)], cwd=tmp_path, env={"PYTHONPATH": str(REPO)}, timeout=300)

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_train.checkpoint import INDEX_FILE, TRASH_PREFIX, complete_checkpoints, load_dcp_full, read_meta
+from dist_train.checkpoint import INDEX_FILE, TRASH_PREFIX, complete_checkpoints, read_meta
+from dist_train.strategies.dcp import load_dcp_full
 from dist_train.config import load_config
 from dist_train.env import detect_environment
 from dist_train.lineage import LOCK_FILE, RUN_FILE, ResumePlan, RunInfo, acquire_lock

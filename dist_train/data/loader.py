@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -82,6 +82,23 @@ class InMemoryDataset(Dataset):
         else:
             inputs = self.split.inputs[idx].float()
         return inputs, self.split.targets[idx]
+
+
+class UserDataset(Dataset):
+    """A user's map-style dataset (samples are tuples or dicts) under the same global batch plan: a micro-batch
+    is its samples at the plan's indices, stacked by torch's default_collate."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        from torch.utils.data import default_collate
+
+        batch = default_collate([self.dataset[i] for i in indices])
+        return tuple(batch) if isinstance(batch, list) else batch
 
 
 def _identity(batch: Batch) -> Batch:
@@ -209,9 +226,9 @@ class EvalLoader:
         weights = (indices < n).float()
         indices = torch.where(indices < n, indices, torch.zeros_like(indices))
         for start in range(0, per_rank, self.batch_size):
-            idx = indices[start : start + self.batch_size]
-            inputs, targets = self.dataset.__getitems__(idx.tolist())
-            yield inputs, targets, weights[start : start + self.batch_size]
+            batch = self.dataset.__getitems__(indices[start : start + self.batch_size].tolist())
+            # (inputs, targets, weights), or (batch, weights) for a user dataset's dict batches
+            yield (*batch, weights[start : start + self.batch_size]) if isinstance(batch, tuple) else (batch, weights[start : start + self.batch_size])
 
 
 def build_map_style(

@@ -1,9 +1,12 @@
-"""The strategy contract: everything that differs between DDP and DeepSpeed, and nothing else.
+"""The strategy contract: everything that differs between backends (DDP, FSDP2, DeepSpeed), and nothing else.
 
-A strategy wraps the model and optimizer, runs backward, owns the no-gradient-sync context used during
-accumulation, steps the optimizer (with clipping and loss scaling), offers the collectives the trainer
-needs for metrics, and does checkpoint I/O in its backend's format. The trainer loop is the same code
-for every strategy.
+In the order a backend needs it: `setup_module` wraps or shards the model (FSDP2 swaps in DTensor
+parameters here), then the trainer builds the optimizer over the parameters the module now has and hands
+it to `setup_optimizer`. In the loop the strategy owns the no-gradient-sync context used during
+accumulation, backward, the optimizer step (clipping over possibly sharded gradients, loss scaling), and
+the collectives the trainer needs. It saves and loads its own state (model, optimizer, scheduler, scaler)
+in its backend's format into a directory the Checkpointer hands it, and exports the full model. The trainer
+loop is the same code for every strategy; a new backend is one file and one line in `strategies/__init__.py`.
 """
 
 from __future__ import annotations
@@ -67,8 +70,15 @@ class Strategy(ABC):
     # ------------------------------------------------------------ setup
 
     @abstractmethod
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
-        """Move to device and wrap; afterwards `self.model`, `self.optimizer`, `self.scheduler` are the ones to use."""
+    def setup_module(self, model: nn.Module) -> None:
+        """Move to the device and wrap or shard; afterwards `self.model` is what the loop calls and
+        `unwrapped_model` holds the parameters an optimizer must be built over."""
+
+    def setup_optimizer(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        """Take the optimizer built over `unwrapped_model`'s parameters; afterwards `self.optimizer` and
+        `self.scheduler` are the ones to use."""
+        self.optimizer = optimizer
+        self.scheduler = scheduler
 
     @property
     @abstractmethod
@@ -110,7 +120,7 @@ class Strategy(ABC):
         """
 
     def eval_forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.unwrapped_model(inputs)
+        return self.model(inputs)  # through the wrapper: sharded backends gather their parameters in its hooks
 
     def train_mode(self, training: bool) -> None:
         self.unwrapped_model.train(training)
@@ -161,16 +171,19 @@ class Strategy(ABC):
 
     # ------------------------------------------------------------ checkpoints
 
+    checkpoint_format = "none"  # recorded in meta.json; strategies with the same format load each other's checkpoints
+
     @abstractmethod
-    def save_checkpoint(self, directory: Path, extra_state: dict) -> Any:
-        """Collective: every rank calls it; writes model, optimizer, scheduler and `extra_state` under `directory`.
+    def save_checkpoint(self, directory: Path) -> Any:
+        """Collective: every rank calls it; writes model, optimizer, scheduler and scaler state under `directory`.
 
         Returns None when the files are written, or a Future that completes (on the main process) once every
         rank's files are written (background save); the Checkpointer marks the directory complete after that."""
 
     @abstractmethod
-    def load_checkpoint(self, directory: Path, extra_state: dict) -> None:
-        """Collective: restores into the wrapped objects and into the stateful objects of `extra_state`."""
+    def load_checkpoint(self, directory: Path, meta: dict) -> None:
+        """Collective: restores model, optimizer, scheduler and scaler; `meta` is the checkpoint's meta.json.
+        Raises CheckpointError naming what to change when the checkpoint cannot load here."""
 
     @abstractmethod
     def full_model_state_dict(self) -> dict[str, torch.Tensor]:

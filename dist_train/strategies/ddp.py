@@ -1,9 +1,11 @@
-"""DDP (and plain single-process) strategy: NCCL on CUDA, gloo on CPU."""
+"""DDP (and plain single-process) strategy: NCCL on CUDA, gloo on CPU; checkpoints in DCP (strategies/dcp.py).
+
+`scaled_optimizer_step` is the torch-native optimizer step (loss-scaler unscale, global-norm clipping,
+step, skip flag on the device) that FSDP2 shares."""
 
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
@@ -11,23 +13,24 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import ConfigError
-from .base import StepResult, Strategy
+from .base import StepResult, Strategy, check_precision_supported
+from .dcp import DCPCheckpointing
 
 
-class DDPStrategy(Strategy):
+class DDPStrategy(DCPCheckpointing, Strategy):
     name = "ddp"
 
     def __init__(self, cfg: Any, dist_env: Any, arithmetic: Any) -> None:
         super().__init__(cfg, dist_env, arithmetic)
+        check_precision_supported(cfg.train.precision, self.device)
         if cfg.strategy.sync_batchnorm and self.device.type != "cuda":
             raise ConfigError(
                 "strategy.sync_batchnorm=true needs CUDA (torch's SyncBatchNorm has no CPU kernel); on CPU set it to false: "
                 "each rank then normalises its own micro-batch and rank 0's running statistics are the ones evaluated, saved and exported"
             )
 
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    def setup_module(self, model: nn.Module) -> None:
         if self.cfg.strategy.sync_batchnorm and self.dist_env.distributed:
-            # Same parameters and buffers, so the optimizer built over the model's parameters still applies.
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(self.device)
         self._module = model
@@ -38,8 +41,6 @@ class DDPStrategy(Strategy):
             )
         else:
             self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
         # fp16 needs loss scaling; bf16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.train.precision == "fp16")
         self._params = [p for p in model.parameters() if p.requires_grad]
@@ -66,36 +67,11 @@ class DDPStrategy(Strategy):
     def optimizer_step(self, compute_grad_norm: bool = True) -> StepResult:
         # After DDP's all-reduce every rank holds the same gradients, so every rank sees the same inf/nan
         # and the scaler skips the same steps everywhere.
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = None
-        if self.cfg.train.grad_clip is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.train.grad_clip).detach()
-        elif compute_grad_norm:
-            grad_norm = total_grad_norm(self._params)
-        skipped: Any = False
-        if self.scaler.is_enabled():
-            # The flag GradScaler itself skips on, kept on the device: get_scale() before and after the step
-            # would read the scale on the host twice a step.
-            found_inf = scaler_found_inf(self.scaler, self.optimizer)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            skipped = found_inf > 0
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(grad_norm, skipped)
+        return scaled_optimizer_step(self.optimizer, self.scaler, self._params, self.cfg.train.grad_clip, compute_grad_norm)
 
-    # ------------------------------------------------------------ checkpoints
-
-    def save_checkpoint(self, directory: Path, extra_state: dict) -> Any:
-        from ..checkpoint import dcp_save
-
-        return dcp_save(self, directory, extra_state)  # a Future with checkpoint.async_save
-
-    def load_checkpoint(self, directory: Path, extra_state: dict) -> None:
-        from ..checkpoint import dcp_load
-
-        dcp_load(self, directory, extra_state)
+    def eval_forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        # Not through DDP: its forward would broadcast buffers (a collective) for every eval batch.
+        return self._module(inputs)
 
     def full_model_state_dict(self) -> dict[str, torch.Tensor]:
         # Every DDP replica holds the whole model, so no rank waits on another: only the main process copies.
@@ -114,11 +90,49 @@ def scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimi
     return sum(per_device.values()).reshape(())
 
 
+def scaled_optimizer_step(optimizer: Any, scaler: Any, params: list, grad_clip: Any, compute_grad_norm: bool) -> StepResult:
+    """Unscale, clip to the global norm, step, zero the gradients; the skip flag stays on the device."""
+    scaler.unscale_(optimizer)
+    grad_norm = None
+    if grad_clip is not None or compute_grad_norm:
+        grad_norm = total_grad_norm(params)
+    if grad_clip is not None:
+        clip_to_norm(params, grad_clip, grad_norm)
+    skipped: Any = False
+    if scaler.is_enabled():
+        # The flag the scaler itself skips on, kept on the device: get_scale() before and after the step
+        # would read the scale on the host twice a step.
+        found_inf = scaler_found_inf(scaler, optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+        skipped = found_inf > 0
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(grad_norm, skipped)
+
+
 def total_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    """The L2 norm over all gradients, without clip_grad_norm_'s rescaling pass."""
+    """The global L2 norm over all gradients, without clip_grad_norm_'s rescaling pass. Gradients may be
+    sharded DTensors (FSDP2): their norm is a partial result, completed over the ranks here."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
     if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
-        return torch.nn.utils.get_total_norm(grads).detach()
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads]))
+        norm = torch.nn.utils.get_total_norm(grads)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads]))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return norm.detach()
+
+
+def clip_to_norm(params: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale every gradient by max_norm / total_norm when above it (clip_grad_norm_'s second half)."""
+    if hasattr(torch.nn.utils, "clip_grads_with_norm_"):  # torch >= 2.6
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
+        return
+    coefficient = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.detach().mul_(coefficient.to(p.grad.device))

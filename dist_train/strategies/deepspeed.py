@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_side_state, read_meta, save_side_state
+from ..env import init_single_process_group
+from ..errors import CheckpointError
 from ..config import BatchArithmetic, Config, ConfigError
 from .base import StepResult, Strategy, autocast_dtype, check_precision_supported
 
@@ -161,7 +162,16 @@ class DeepSpeedStrategy(Strategy):
 
     # ------------------------------------------------------------ setup
 
-    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    def setup_module(self, model: nn.Module) -> None:
+        # DeepSpeed wraps model and optimizer in one call (deepspeed.initialize): that happens in setup_optimizer.
+        self._module = model
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        return self.engine.module if self.engine is not None else self._module
+
+    def setup_optimizer(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        model = self._module
         # The tutorial's dtypes, so the exported state_dict is fp32 even when DeepSpeed keeps bf16 weights.
         self._state_dtypes = {k: v.dtype for k, v in model.state_dict().items()}
         self._join_process_group()
@@ -202,21 +212,9 @@ class DeepSpeedStrategy(Strategy):
             # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce with g++ (minutes on first use) that
             # only its tensor-parallel inference layers call; training collectives go through torch.distributed.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        if not dist.is_initialized():
-            # One process: dist_train runs without a group, DeepSpeed needs one.
-            dist.init_process_group(
-                "gloo" if self.device.type == "cpu" else "nccl",
-                init_method=f"tcp://{env.master_addr}:{env.master_port}",
-                rank=0,
-                world_size=1,
-            )
-            self._own_process_group = True
+        self._own_process_group = init_single_process_group(env)
         # With a group already initialised this wraps it (no MPI discovery, no second init_process_group).
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, dist_init_required=False, verbose=False)
-
-    @property
-    def unwrapped_model(self) -> nn.Module:
-        return self.engine.module
 
     @property
     def steps_scheduler(self) -> bool:
@@ -248,9 +246,6 @@ class DeepSpeedStrategy(Strategy):
         grad_norm = torch.full((), float("nan")) if norm is None else torch.as_tensor(norm).detach()
         return StepResult(grad_norm, skipped=not self.engine.was_step_applied())
 
-    def eval_forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.engine(inputs)  # through the engine: ZeRO-3 gathers its partitioned weights in hooks
-
     def train_mode(self, training: bool) -> None:
         self.engine.train(training)
 
@@ -261,13 +256,18 @@ class DeepSpeedStrategy(Strategy):
 
     # ------------------------------------------------------------ checkpoints
 
-    def save_checkpoint(self, directory: Path, extra_state: dict) -> None:
-        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG)
-        save_side_state(directory, extra_state, self.dist_env)
+    checkpoint_format = "deepspeed"
 
-    def load_checkpoint(self, directory: Path, extra_state: dict) -> None:
-        saved = read_meta(directory)
-        then_world, then_stage = saved.get("world_size"), saved.get("config", {}).get("strategy", {}).get("zero_stage")
+    def save_checkpoint(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+
+    def load_checkpoint(self, directory: Path, meta: dict) -> None:
+        if meta.get("format", "deepspeed" if meta.get("strategy") == "deepspeed" else "dcp") != self.checkpoint_format:
+            raise CheckpointError(
+                f"checkpoint {directory} was written by strategy.name={meta.get('strategy')} (DCP), which DeepSpeed cannot load; "
+                f"resume it with strategy.name={meta.get('strategy')}, or `dist-train export` it and start from the weights (model.weights=...)"
+            )
+        then_world, then_stage = meta.get("world_size"), meta.get("config", {}).get("strategy", {}).get("zero_stage")
         if then_stage != self.cfg.strategy.zero_stage:
             raise CheckpointError(
                 f"checkpoint {directory} was written with strategy.zero_stage={then_stage}, this run has "
@@ -282,7 +282,6 @@ class DeepSpeedStrategy(Strategy):
         load_path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
         if load_path is None:
             raise CheckpointError(f"checkpoint {directory} has no DeepSpeed files under {CHECKPOINT_TAG}/; it was not written by strategy.name=deepspeed")
-        load_side_state(directory, extra_state, self.dist_env)
 
     def full_model_state_dict(self) -> dict[str, torch.Tensor]:
         module = self.engine.module

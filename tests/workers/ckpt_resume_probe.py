@@ -38,8 +38,9 @@ def main() -> None:
         torch.save(
             {
                 "checkpoint": str(path),
-                "model": {k: v.clone() for k, v in model_state.items()},
-                "optimizer_state": optim_state["state"],
+                # Sharded (FSDP2) values as full tensors: the probe compares whole parameters.
+                "model": {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone() for k, v in model_state.items()},
+                "optimizer_state": {k: {n: (t.full_tensor() if hasattr(t, "full_tensor") else t) for n, t in v.items()} for k, v in optim_state["state"].items()},
                 "rng": rng_after_load,
                 "epoch": trainer.progress.epoch,
                 "optimizer_step": trainer.progress.optimizer_step,

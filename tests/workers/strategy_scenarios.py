@@ -1,0 +1,47 @@
+"""Under torchrun: for each strategy, train straight through, and stopped + resumed in-process, writing each
+run's outputs under OUT/<strategy>-straight and OUT/<strategy>-resumed (model.pt, checkpoints).
+
+usage: strategy_scenarios.py OUT PRESET STOP_STEP STRATEGY[,STRATEGY...] [overrides ...]
+One launch serves every strategy (process start-up and rendezvous dominate these short runs).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from dist_train.config import load_config
+from dist_train.env import backend_for, destroy_process_group, detect_environment, init_process_group
+from dist_train.trainer import Trainer, TrainingInterrupted
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # models and data given by import path from tests/ (tests.nets:...)
+
+
+def run(preset: str, overrides: list[str], dist_env) -> None:
+    trainer = Trainer.build(load_config(REPO / "configs" / preset, overrides), dist_env)
+    try:
+        trainer.fit()
+    except TrainingInterrupted:
+        pass
+    finally:
+        trainer.close()
+
+
+def main() -> None:
+    out, preset, stop_step, strategies, *overrides = sys.argv[1:]
+    dist_env = detect_environment()
+    init_process_group(dist_env, backend_for(dist_env), 120)
+    try:
+        for name in strategies.split(","):
+            common = [*overrides, f"strategy.name={name}", "train.progress_bar=false"]
+            run(preset, [*common, f"output_dir={out}/{name}-straight"], dist_env)
+            resumed = [*common, f"output_dir={out}/{name}-resumed", "train.resume=auto"]
+            run(preset, [*resumed, f"train.stop_at_step={stop_step}"], dist_env)
+            run(preset, resumed, dist_env)
+    finally:
+        destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
