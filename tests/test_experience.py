@@ -184,9 +184,24 @@ def test_zero3_prints_no_deprecation_flood(zero3_run):
     assert len(result.output.splitlines()) < 40
 
 
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2") / "run"
+    dist_train(["train", "configs/mlp_digits.yaml", "strategy.name=fsdp2", "train.max_steps=10", f"output_dir={out}"], nproc=2)
+    return out
+
+
 @pytest.mark.parametrize("target", ["run dir", "model.pt"])
 def test_eval_of_a_2_process_zero3_checkpoint_on_1_process_without_strategy_flags(zero3_run, target):
     out, _ = zero3_run
+    _eval_matches_training(out, target)
+
+
+def test_eval_of_a_2_process_fsdp2_checkpoint_on_1_process_without_strategy_flags(fsdp2_run):
+    _eval_matches_training(fsdp2_run, "run dir")
+
+
+def _eval_matches_training(out: Path, target: str) -> None:
     trained = json.loads((out / "summary.json").read_text())["eval"]
     path = out if target == "run dir" else out / "model.pt"
     result = dist_train(["eval", f"checkpoint={path}"])
