@@ -178,6 +178,13 @@ def evaluate(config: Optional[str], overrides: Sequence[str]) -> int:
             raise ConfigError(f"checkpoint={target} is a weights file; also give the CONFIG it was trained with (dist-train eval checkpoint={target} CONFIG)")
         raw = raw_config(config_file, ())
         checkpoint_dir = None
+        # model.pt of a finished run: its summary.json says how many steps the weights were trained for.
+        try:
+            import json
+
+            step = int(json.loads((target.parent / "summary.json").read_text())["optimizer_steps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            step = None
     else:
         checkpoint_dir = find_checkpoint(spec[0], target, key="checkpoint")
         if checkpoint_dir is None:

@@ -206,6 +206,7 @@ def _eval_matches_training(out: Path, target: str) -> None:
     path = out if target == "run dir" else out / "model.pt"
     result = dist_train(["eval", f"checkpoint={path}"])
     measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["optimizer_step"] == json.loads((out / "summary.json").read_text())["optimizer_steps"]
     assert measured["eval/accuracy"] == pytest.approx(trained["eval/accuracy"], abs=1e-12)
     assert measured["eval/loss"] == pytest.approx(trained["eval/loss"], rel=1e-6)
     assert "torch.distributed is disabled" not in result.output
