@@ -71,12 +71,14 @@ def _describe(args: argparse.Namespace) -> list[str]:
 def launch_command(args: argparse.Namespace) -> int:
     cmd = torchrun_command(args)
     lines = _describe(args)
-    if args.dry_run:
-        print("\n".join([*lines, shlex.join(cmd)]), flush=True)
-        return 0
-    print("\n".join([*lines, f"dist-train launch: {shlex.join(cmd)}"]), flush=True)
     env = dict(os.environ)
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # The command as it runs, environment included: a dry run's line pasted into a shell does the same.
+    shown = f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE={shlex.quote(env['TORCH_DISABLE_SHARE_RDZV_TCP_STORE'])} {shlex.join(cmd)}"
+    if args.dry_run:
+        print("\n".join([*lines, shown]), flush=True)
+        return 0
+    print("\n".join([*lines, f"dist-train launch: {shown}"]), flush=True)
     # exec, not a child: Ctrl-C and the scheduler's signals reach torchrun directly, and its exit status is ours.
     os.execve(cmd[0], cmd, env)
     raise AssertionError("unreachable")  # pragma: no cover

@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -31,7 +31,9 @@ from .lineage import RunInfo
 from .models import ModelSpec, build_model, model_spec
 from .optim import apply_hyperparameters, build_optimizer, build_scheduler
 from .strategies import Strategy, build_strategy
+from .runlog import model_summary
 from .tracking import ConsoleLog, Tracker, build_tracker
+from .user import UserParts
 
 
 class TrainingInterrupted(RuntimeError):
@@ -123,17 +125,22 @@ class Trainer:
         self.stop_requested = False  # set from a signal handler; acted on at a step boundary by all ranks
         self.skips = SkipCounter(strategy.device) if cfg.train.precision == "fp16" else None
         self._skipped_before = 0  # skipped steps restored from the checkpoint; self.skips counts this process's
+        self.model_summary = ""
+        # name -> fn(outputs, targets) giving one value per sample; averaged exactly over the eval split
+        self.metrics: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
 
     # ------------------------------------------------------------ assembly
 
     @classmethod
-    def build(cls, cfg: Config, dist_env: DistEnv, run: Optional[RunInfo] = None) -> "Trainer":
-        """`run`: the identity and resume plan `RunDirectory.open` decided (None: detached, see RunInfo)."""
+    def build(cls, cfg: Config, dist_env: DistEnv, run: Optional[RunInfo] = None, parts: Optional[UserParts] = None) -> "Trainer":
+        """`run`: the identity and resume plan `RunDirectory.open` decided (None: detached, see RunInfo).
+        `parts`: a user's own model, datasets and metrics (the Python API) in place of the config's."""
+        parts = parts or UserParts()
         console = ConsoleLog(dist_env, cfg.train.progress_bar)
         arithmetic = batch_arithmetic(cfg.train, dist_env.world_size)
-        spec = model_spec(cfg.model)
+        spec = parts.model_spec(cfg.model) if parts.model is not None else model_spec(cfg.model)
         strategy = build_strategy(cfg, dist_env, arithmetic)
-        data = build_data(cfg, spec, arithmetic, dist_env)
+        data = parts.data(cfg, arithmetic, dist_env) if parts.train_dataset is not None else build_data(cfg, spec, arithmetic, dist_env)
         if cfg.train.deterministic:
             note = use_deterministic_algorithms(dist_env.torch_device)
             if note:
@@ -142,7 +149,8 @@ class Trainer:
         seed_everything(cfg.train.seed)
         # Wrap or shard first, then build the optimizer over the parameters the module now has (FSDP2 swaps
         # in sharded DTensor parameters).
-        model = build_model(cfg.model)
+        model = parts.build_model() if parts.model is not None else build_model(cfg.model)
+        summary = model_summary(model) + (f"; weights loaded from {cfg.model.weights}" if cfg.model.weights else "")
         loss = resolve_loss(cfg.model, model)
         strategy.setup_module(model)
         optimizer = build_optimizer(cfg.optim, strategy.unwrapped_model, fused=strategy.wants_fused_optimizer)
@@ -152,7 +160,10 @@ class Trainer:
         seed_everything(cfg.train.seed + dist_env.global_rank)
         checkpointer = Checkpointer(cfg, dist_env, strategy, run)
         tracker = build_tracker(cfg, dist_env)
-        return cls(cfg, dist_env, arithmetic, spec, data, strategy, checkpointer, tracker, console, loss)
+        trainer = cls(cfg, dist_env, arithmetic, spec, data, strategy, checkpointer, tracker, console, loss)
+        trainer.model_summary = summary
+        trainer.metrics = dict(parts.metrics)
+        return trainer
 
     def stateful(self) -> dict[str, Any]:
         """Everything besides model/optimizer/scheduler that a checkpoint must hold for an exact resume."""
@@ -172,6 +183,8 @@ class Trainer:
         total_steps = planned_total_steps(cfg, steps_per_epoch)
         console.print(f"dist_train: {self.dist_env.describe()} strategy={self.strategy.name} precision={cfg.train.precision}")
         console.print(f"batch: {self.arithmetic.describe()}")
+        if self.model_summary:
+            console.print(f"model: {self.model_summary}")
         console.print(
             f"data: {self.data.num_train_samples} train samples -> {steps_per_epoch} steps/epoch "
             f"({train_loader.dropped_per_epoch} samples/epoch dropped to keep global batches full); "
@@ -258,8 +271,11 @@ class Trainer:
         return summary
 
     def _resume(self) -> None:
-        resumed = self.checkpointer.resume(self.checkpointer.run.resume, self.stateful())
+        plan = self.checkpointer.run.resume
+        resumed = self.checkpointer.resume(plan, self.stateful())
         if resumed is None:
+            if plan.kind == "auto":  # a run whose first attempt ended before its first checkpoint
+                self.console.print(f"train.resume=auto: no checkpoint of run {self.checkpointer.run.run_id} yet; starting at optimizer step 0")
             return
         path, changes = resumed
         self._skipped_before = self.progress.skipped_steps
@@ -373,7 +389,10 @@ class Trainer:
         """Collective: check, make every rank hold the same buffers, save."""
         self._check_finite(window)
         self.strategy.sync_buffers()
-        self.checkpointer.save(self.progress.optimizer_step, self.stateful())
+        started = time.perf_counter()
+        path = self.checkpointer.save(self.progress.optimizer_step, self.stateful())
+        how = "writing in the background" if self.cfg.checkpoint.async_save and self.strategy.name == "ddp" else "saved"
+        self.console.print(f"checkpoint: {how} {path} ({time.perf_counter() - started:.1f}s)")
 
     def _log(self, window: StepWindow, bar: Any) -> tuple[bool, bool]:
         """Collective at log steps: one all-gather carries every rank's loss totals, first non-finite step,
@@ -429,6 +448,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         correct = torch.zeros((), device=device, dtype=torch.float64)
         count = torch.zeros((), device=device, dtype=torch.float64)
+        extra = torch.zeros(len(self.metrics), device=device, dtype=torch.float64)
         for *batch, weights in self.data.eval:
             batch = to_device(batch[0] if len(batch) == 1 else tuple(batch), device)
             weights = weights.to(device, torch.float64)
@@ -451,14 +471,18 @@ class Trainer:
                 per_sample = F.mse_loss(outputs, targets.float(), reduction="none").flatten(1).mean(dim=1)
             loss_sum += (per_sample.double() * weights).sum()
             count += weights.sum()
-        totals = strategy.all_reduce_sum(torch.stack([loss_sum, correct, count]))
+            for i, metric in enumerate(self.metrics.values()):
+                extra[i] += (metric(outputs, targets).detach().reshape(-1).double() * weights).sum()
+        totals = strategy.all_reduce_sum(torch.cat([torch.stack([loss_sum, correct, count]), extra]))
         n = max(totals[2].item(), 1.0)
         metrics = {"eval/loss": totals[0].item() / n, "eval/samples": int(totals[2].item())}
         if self.custom_loss is None and self.spec.task == "classification":
             metrics["eval/accuracy"] = totals[1].item() / n
         elif self.custom_loss is None:
             metrics["eval/mse"] = metrics["eval/loss"]
-        self.console.print("eval: " + "  ".join(f"{k.split('/')[1]}={v:.4f}" if isinstance(v, float) else f"{k.split('/')[1]}={v}" for k, v in metrics.items()))
+        for i, name in enumerate(self.metrics):
+            metrics[f"eval/{name}"] = totals[3 + i].item() / n
+        self.console.print(f"eval at step {self.progress.optimizer_step}: " + "  ".join(f"{k.split('/')[1]}={v:.4f}" if isinstance(v, float) else f"{k.split('/')[1]}={v}" for k, v in metrics.items()))
         self.tracker.log(metrics, step=self.progress.optimizer_step)
         return metrics
 
