@@ -302,7 +302,7 @@ class Trainer:
         strategy, device = self.strategy, self.strategy.device
         last = len(step_batches) - 1
         compute_start = time.perf_counter()
-        sample_weight = self._sample_weight(step_batches)
+        sample_weight = self._sample_weight()
         step_loss: Any = None
         first_micro_batch = self.dist_env.global_rank * len(step_batches)
         for i, batch in enumerate(step_batches):
@@ -335,21 +335,15 @@ class Trainer:
         if self.strategy.device.type == "cuda":
             torch.cuda.manual_seed(seed)  # this rank's device only
 
-    def _sample_weight(self, step_batches: list) -> Any:
+    def _sample_weight(self) -> Optional[float]:
         """With data.skip_bad_samples a micro-batch may be short. Its mean loss then weighs by the samples it
-        kept, so the step's gradient is the mean over the samples actually used on all ranks. The streaming
-        loader already agreed on that count (its bad-sample verdict is all-reduced); otherwise it costs one
-        small all-reduce per step, so only when skipping is on. None means every micro-batch is full."""
+        kept, so the step's gradient is the mean over the samples actually used on all ranks: the loader's
+        count of them, agreed over the ranks with its bad-sample verdict (no collective here). None means
+        every micro-batch is full."""
         if not self.cfg.data.skip_bad_samples:
             return None
         # The strategy divides by the accumulation steps and DDP averages over ranks: undo both.
-        scale = self.dist_env.world_size * self.arithmetic.grad_accum_steps
-        kept_by_loader = getattr(self.data.train, "step_samples_kept", None)
-        if kept_by_loader is not None:
-            return scale / kept_by_loader
-        kept = torch.tensor([float(sum(batch_size(batch) for batch in step_batches))], device=self.strategy.device)
-        self.strategy.all_reduce_sum(kept)
-        return scale / kept[0]
+        return self.dist_env.world_size * self.arithmetic.grad_accum_steps / self.data.train.step_samples_kept
 
     def _agree(self, values: list[torch.Tensor]) -> list[list[float]]:
         """One all-gather of per-rank scalars (one host sync): row r holds rank r's values."""

@@ -367,6 +367,7 @@ def test_a_micro_batch_that_lost_samples_weighs_its_loss_by_the_samples_it_kept(
     generator = torch.Generator().manual_seed(0)
     full = (torch.randn(8, 1000, generator=generator), torch.randn(8, 10, generator=generator))
     short = (torch.randn(3, 1000, generator=generator), torch.randn(3, 10, generator=generator))  # 5 samples skipped
+    trainer.data.train.step_samples_kept = 11  # what the streaming loader agrees over the ranks for this step
     trainer._optimizer_step([full, short], trainer._new_window())
     reference = _model_like(trainer)
     reference.load_state_dict(before)
