@@ -1,11 +1,12 @@
 """`dist-train` / `python -m dist_train`: argument parsing only; the work happens in the modules it calls.
 
   dist-train train CONFIG [section.key=value ...]       train (plain, torchrun, accelerate, srun, mpirun, Kubeflow, SkyPilot)
-  dist-train eval CONFIG checkpoint=PATH [overrides]    evaluate a checkpoint
+  dist-train eval checkpoint=PATH [CONFIG] [overrides]  evaluate a checkpoint, model.pt or exported file
   dist-train export CHECKPOINT --out model.pt           plain state_dict for the tutorial model
   dist-train data prepare --source NAME --out DIR       write webdataset shards + manifest
   dist-train data inspect DIR                           summarise a manifest, verify checksums
   dist-train launch --nproc-per-node N CONFIG [...]     build and run the torchrun command
+  dist-train plot RUN_DIR [RUN_DIR ...] --out FILE      loss, LR and eval curves of runs as one PNG
 """
 
 from __future__ import annotations
@@ -38,8 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model from a YAML preset", description="Train. Runs unchanged under torchrun, accelerate launch, srun, mpirun, Kubeflow and SkyPilot (see the README's launcher table).")
     _add_config_args(train)
 
-    evaluate = sub.add_parser("eval", help="evaluate a checkpoint", description="Evaluate a checkpoint on the config's eval split: dist-train eval CONFIG checkpoint=PATH")
-    _add_config_args(evaluate)
+    evaluate = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint, model.pt or an exported file",
+        description="dist-train eval checkpoint=PATH [CONFIG] [overrides]. A checkpoint (step-N directory or output_dir) brings "
+        "its own model, strategy and world size (meta.json) and evaluates on any number of processes; CONFIG, if given, "
+        "supplies the data section. model.pt or an exported file needs CONFIG (or a config.yaml beside it).",
+    )
+    evaluate.add_argument("args", nargs="*", metavar="checkpoint=PATH | CONFIG | section.key=value")
+
+    plot = sub.add_parser("plot", help="draw runs' loss, LR and eval curves into one PNG", description="Reads each RUN_DIR's metrics.jsonl (a run in progress too) and draws the runs side by side.")
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument("--out", required=True, help="PNG file to write")
 
     export = sub.add_parser("export", help="write a plain state_dict from a checkpoint", description="Turn a dist_train checkpoint (DCP or DeepSpeed) into the tutorial's plain state_dict.")
     export.add_argument("checkpoint", help="a step-N checkpoint directory, or an output_dir (its newest checkpoint)")
@@ -76,10 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    # The console script does not put the current directory on sys.path (python -m does): a model given as
+    # model.name=mymodels:Net next to the user's config must import the same way under both.
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")
     try:
         return _dispatch(args)
     except ConfigError as e:
-        print(f"dist-train: config error: {e}", file=sys.stderr)
+        # Every process reads the same config and raises the same error: the main process says it once.
+        if _is_main_process():
+            print(f"dist-train: config error: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG_ERROR
     except (KeyboardInterrupt, SystemExit):
         raise
@@ -88,7 +105,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if classified is None:
             raise
         kind, message, code = classified
-        print(f"dist-train: {kind}: {message}", file=sys.stderr)
+        if kind in ("config error", "launch error"):  # the same on every process: the main process says it once
+            if _is_main_process():
+                print(f"dist-train: {kind}: {message}", file=sys.stderr, flush=True)
+            return code
+        # Data, checkpoint and storage errors may be one rank's own: every rank that has one says so.
+        rank = _global_rank()
+        print(f"dist-train: {kind}{f' (rank {rank})' if rank else ''}: {message}", file=sys.stderr, flush=True)
         return code
 
 
@@ -106,15 +129,32 @@ def console_main() -> None:
     os._exit(status)
 
 
+def _global_rank() -> int:
+    from .env import detect_environment
+
+    try:
+        return detect_environment().global_rank
+    except Exception:  # an inconsistent launch: let every process speak
+        return 0
+
+
+def _is_main_process() -> bool:
+    return _global_rank() == 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         from .run import train
 
         return train(args.config, args.overrides)
     if args.command == "eval":
-        from .run import evaluate
+        from .run import evaluate, split_eval_args
 
-        return evaluate(args.config, args.overrides)
+        return evaluate(*split_eval_args(args.args))
+    if args.command == "plot":
+        from .plot import plot_command
+
+        return plot_command(args.runs, args.out)
     if args.command == "export":
         from .export import export_checkpoint
 

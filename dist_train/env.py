@@ -572,6 +572,19 @@ def _refuse_unresolved_launch(env: Mapping[str, str]) -> None:
     )
 
 
+def _refuse_accelerate_one_of_many(env: Mapping[str, str]) -> None:
+    """accelerate's simple launcher (MULTI_CPU, or --num_processes N without --multi_gpu) starts ONE process
+    unless given an MPI hostfile; it exports MASTER_ADDR/MASTER_PORT only when its config asked for more than
+    one process or machine (accelerate/utils/launch.py, prepare_simple_launcher_cmd_env)."""
+    if "MASTER_ADDR" in env and "MASTER_PORT" in env:
+        raise LaunchError(
+            f"accelerate launch was asked for several processes (it exported MASTER_ADDR={env['MASTER_ADDR']} MASTER_PORT={env['MASTER_PORT']}) "
+            "but started this one only (its CPU launcher runs one process without --mpirun_hostfile); use "
+            "`accelerate launch --config_file configs/accelerate/ddp.yaml` (distributed_type: MULTI_GPU, which runs on CPU too) "
+            "or `accelerate launch --multi_gpu --num_processes N`"
+        )
+
+
 def _refuse_stale_accelerate(env: Mapping[str, str], launcher: str, world_size: int) -> None:
     if world_size > 1:
         seen = ", ".join(f"{k}={v}" for k, v in sorted(env.items()) if k.startswith("ACCELERATE_"))
@@ -593,6 +606,8 @@ def detect_environment(env: Optional[Mapping[str, str]] = None, prefer_cuda: boo
         # accelerate runs a single process directly (no torchrun variables); with any other launcher's
         # process count > 1 the variables are an outer launch's, and which settings count is unknowable.
         _refuse_stale_accelerate(env, detector.title or launcher, facts.get("world_size", 1))
+        if detector is PlainEnvironment:
+            _refuse_accelerate_one_of_many(env)
         launcher, facts = AccelerateEnvironment.name, dict(facts, accelerate=AccelerateEnvironment.settings(env))
     dist_env = DistEnv(launcher=launcher, **facts, **_restart_facts(env))
     _check_consistent(dist_env)

@@ -20,11 +20,14 @@ from .files import atomic_write
 
 
 def export_checkpoint(checkpoint: str, out: str, tutorial_dict_path: Optional[str] = None) -> int:
+    from .runlog import filter_known_warnings
+
+    filter_known_warnings()
     path = find_checkpoint(checkpoint, Path(checkpoint), key="checkpoint")
     if path is None:
         raise CheckpointError(f"{checkpoint}: no complete checkpoint found")
     meta = read_meta(path)
-    model_state, optimizer_state = _load(path, meta)
+    model_state, optimizer_state = load_full_checkpoint(path, meta)
     out_path = Path(out)
     atomic_write(out_path, lambda f: torch.save(model_state, f))
     num_params = sum(v.numel() for v in model_state.values() if isinstance(v, torch.Tensor))
@@ -41,7 +44,7 @@ def export_checkpoint(checkpoint: str, out: str, tutorial_dict_path: Optional[st
     return 0
 
 
-def _load(path: Path, meta: dict) -> tuple[dict, Optional[dict]]:
+def load_full_checkpoint(path: Path, meta: dict) -> tuple[dict, Optional[dict]]:
     """(model state_dict, optimizer state_dict in torch.optim's id-keyed layout or None)."""
     if meta.get("strategy") == "deepspeed":
         from .strategies.deepspeed import consolidated_state_dict  # noqa: PLC0415 (optional backend)

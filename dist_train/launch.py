@@ -74,17 +74,20 @@ def _describe(args: argparse.Namespace) -> tuple[list[str], str]:
 def launch_command(args: argparse.Namespace) -> int:
     cmd = torchrun_command(args)
     lines, preemption_signal = _describe(args)
-    if args.dry_run:
-        print("\n".join([*lines, shlex.join(cmd)]), flush=True)
-        return 0
-    print("\n".join([*lines, f"dist-train launch: {shlex.join(cmd)}"]), flush=True)
     env = dict(os.environ)
     env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     # torchrun forwards only SIGTERM, SIGINT, SIGHUP and SIGQUIT to its workers; any other signal (Slurm's
     # --signal=USR2@120 reaches the agent too) kills the agent and leaves the workers training unsupervised.
     # Handled, the agent sends it on to the workers, which save, stop, and exit before the agent does.
-    # torchrun's --signals-to-handle (torch >= 2.8) read from its PET_ variable, which older torchrun ignores.
+    # torchrun's --signals-to-handle (recent torch) reads its PET_ variable, which older torchrun ignores.
     env.setdefault("PET_SIGNALS_TO_HANDLE", f"SIGTERM,SIGINT,SIGHUP,SIGQUIT,{preemption_signal}")
+    # The command as it runs, environment included: a dry run's line pasted into a shell does the same.
+    shown = " ".join(f"{key}={shlex.quote(env[key])}" for key in ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "PET_SIGNALS_TO_HANDLE"))
+    shown = f"{shown} {shlex.join(cmd)}"
+    if args.dry_run:
+        print("\n".join([*lines, shown]), flush=True)
+        return 0
+    print("\n".join([*lines, f"dist-train launch: {shown}"]), flush=True)
     # exec, not a child: Ctrl-C and the scheduler's signals reach torchrun directly, and its exit status is ours.
     os.execve(cmd[0], cmd, env)
     raise AssertionError("unreachable")  # pragma: no cover

@@ -4,6 +4,7 @@ Layout of OUTPUT_DIR:
   run.json       {run_id, fingerprint, created_at, parent, diverged_at_step}: written at the first start
   run.lock       held (flock) by the main process while a job runs; names its host and PID
   config.yaml, checkpoints/, model.pt, summary.json, tensorboard/, wandb/   the run's outputs
+  logs/, metrics.jsonl, curves.png   its console and per-rank logs, metrics history and picture (runlog.py)
   previous/<run_id>-<time>/   outputs of an earlier run moved aside by train.start_over=true
 
 A fresh start (no train.resume) into a directory that holds another run's outputs is refused with one line
@@ -34,7 +35,7 @@ RUN_FILE = "run.json"
 LOCK_FILE = "run.lock"
 PREVIOUS_DIR = "previous"
 # What belongs to a run; train.start_over moves exactly these (output_dir may hold other files of the user's).
-RUN_ARTIFACTS = ("run.json", "config.yaml", "checkpoints", "model.pt", "summary.json", "tensorboard", "wandb")
+RUN_ARTIFACTS = ("run.json", "config.yaml", "checkpoints", "model.pt", "summary.json", "tensorboard", "wandb", "logs", "metrics.jsonl", "curves.png")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ import os
 import secrets
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,12 +49,15 @@ NullTracker = Tracker
 def build_tracker(cfg: Config, dist_env: DistEnv) -> Tracker:
     if not dist_env.is_main:
         return NullTracker()
-    trackers: list[Tracker] = []
+    from .runlog import METRICS_FILE, MetricsHistory
+
+    # The plain-text history is always kept: it is what `dist-train plot` and the end-of-run picture read.
+    trackers: list[Tracker] = [MetricsHistory(Path(cfg.output_dir) / METRICS_FILE)]
     if cfg.tracking.wandb.enabled:
         trackers.append(WandbTracker(cfg.tracking.wandb, cfg.output_dir))
     if cfg.tracking.tensorboard.enabled:
         trackers.append(TensorBoardTracker(Path(cfg.output_dir) / "tensorboard"))
-    return TrackerGroup(trackers) if trackers else NullTracker()
+    return TrackerGroup(trackers)
 
 
 def warn(text: str) -> None:
@@ -330,36 +334,74 @@ class _NullBar:
     def close(self) -> None:
         pass
 
-    def set_postfix_str(self, text: str) -> None:
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
         pass
 
 
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
 class ConsoleLog:
-    """Prints on the main process only; per-rank problems still surface as exceptions."""
+    """Prints on the main process only; per-rank problems still surface as exceptions.
+
+    While a progress bar is drawn, lines go through `tqdm.write`, which clears the bar, prints the line and
+    redraws the bar below it, so no line is glued to a half-drawn bar."""
 
     def __init__(self, dist_env: DistEnv, show_progress_bar: bool = True, stream: Any = None) -> None:
         self.enabled = dist_env.is_main
         self.show_progress_bar = show_progress_bar
-        self.stream = stream or sys.stdout
+        self.stream = stream
+        self._bar: Any = None
+        self._total = 0
+        self._initial = 0
+        self._start = time.monotonic()
 
     def print(self, text: str) -> None:
-        if self.enabled:
-            print(text, file=self.stream, flush=True)
+        if not self.enabled:
+            return
+        stream = self.stream or sys.stdout
+        if self._bar is not None:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=stream)
+            stream.flush()
+        else:
+            print(text, file=stream, flush=True)
 
     def progress_bar(self, total: int, initial: int = 0) -> Any:
+        """Also starts the clock that log lines' elapsed time and ETA are measured by."""
+        self._total, self._initial, self._start = total, initial, time.monotonic()
         if not (self.enabled and self.show_progress_bar and sys.stderr.isatty()):
             return _NullBar()
         from tqdm import tqdm
 
-        return tqdm(total=total, initial=initial, dynamic_ncols=True, leave=False)
+        console = self
+
+        class _Bar(tqdm):  # type: ignore[misc, valid-type]
+            def close(self) -> None:
+                console._bar = None
+                super().close()
+
+        self._bar = _Bar(total=total, initial=initial, dynamic_ncols=True, leave=False, unit="step")
+        return self._bar
 
     def log_line(self, step: int, epoch: int, metrics: dict[str, float], bar: Any = None) -> None:
+        elapsed = time.monotonic() - self._start
+        done = step - self._initial
+        eta = elapsed / done * (self._total - step) if done > 0 else float("nan")
+        width = len(str(self._total))
         line = (
-            f"step {step:>6} | epoch {epoch} | loss {metrics['train/loss']:.4f} | lr {metrics['train/lr']:.3e} | "
-            f"grad_norm {metrics['train/grad_norm']:.3f} | {metrics['train/samples_per_second']:.0f} samples/s"
+            f"step {step:>{width}}/{self._total} | epoch {epoch} | loss {metrics['train/loss']:.4f} | lr {metrics['train/lr']:.3e} | "
+            f"grad_norm {metrics['train/grad_norm']:.3f} | {metrics['train/samples_per_second']:.0f} samples/s | "
+            f"elapsed {format_duration(elapsed)} | eta {format_duration(eta) if eta == eta else '?'}"
         )
         if metrics.get("train/rank_skew", 1.0) >= 1.2:  # one rank holds the others back noticeably
             line += f" | slowest rank {metrics['train/slowest_rank']:.0f} x{metrics['train/rank_skew']:.1f}"
         if "train/skipped_steps" in metrics:  # fp16: the loss above leaves out the steps the scaler skipped
             line += f" | skipped {metrics['train/skipped_steps']:.0f}"
+        if bar is not None:
+            bar.set_postfix_str(f"loss {metrics['train/loss']:.4f}", refresh=False)
         self.print(line)

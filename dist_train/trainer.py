@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -32,7 +32,9 @@ from .lineage import RunInfo
 from .models import ModelSpec, build_model, model_spec
 from .optim import apply_hyperparameters, build_optimizer, build_scheduler
 from .strategies import Strategy, build_strategy
+from .runlog import model_summary
 from .tracking import ConsoleLog, Tracker, build_tracker
+from .user import UserParts
 from .watchdog import NullWatchdog, Watchdog
 
 
@@ -125,6 +127,9 @@ class Trainer:
         self.stop_requested = False  # set from a signal handler; acted on at a step boundary by all ranks
         self.skips = SkipCounter(strategy.device) if cfg.train.precision == "fp16" else None
         self._skipped_before = 0  # skipped steps restored from the checkpoint; self.skips counts this process's
+        self.model_summary = ""
+        # name -> fn(outputs, targets) giving one value per sample; averaged exactly over the eval split
+        self.metrics: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
         self.watchdog: Watchdog | NullWatchdog = NullWatchdog()  # run.py starts a real one for multi-process jobs
         self.stop_agreement: Any = None  # signals.StopAgreement, made collectively in fit()
         self.save_seconds = 0.0  # how long the newest checkpoint save took (told against the grace period)
@@ -133,13 +138,15 @@ class Trainer:
     # ------------------------------------------------------------ assembly
 
     @classmethod
-    def build(cls, cfg: Config, dist_env: DistEnv, run: Optional[RunInfo] = None) -> "Trainer":
-        """`run`: the identity and resume plan `RunDirectory.open` decided (None: detached, see RunInfo)."""
+    def build(cls, cfg: Config, dist_env: DistEnv, run: Optional[RunInfo] = None, parts: Optional[UserParts] = None) -> "Trainer":
+        """`run`: the identity and resume plan `RunDirectory.open` decided (None: detached, see RunInfo).
+        `parts`: a user's own model, datasets and metrics (the Python API) in place of the config's."""
+        parts = parts or UserParts()
         console = ConsoleLog(dist_env, cfg.train.progress_bar)
         arithmetic = batch_arithmetic(cfg.train, dist_env.world_size)
-        spec = model_spec(cfg.model)
+        spec = parts.model_spec(cfg.model) if parts.model is not None else model_spec(cfg.model)
         strategy = build_strategy(cfg, dist_env, arithmetic)
-        data = build_data(cfg, spec, arithmetic, dist_env)
+        data = parts.data(cfg, arithmetic, dist_env) if parts.train_dataset is not None else build_data(cfg, spec, arithmetic, dist_env)
         if cfg.train.deterministic:
             note = use_deterministic_algorithms(dist_env.torch_device)
             if note:
@@ -148,7 +155,8 @@ class Trainer:
         seed_everything(cfg.train.seed)
         # Wrap or shard first, then build the optimizer over the parameters the module now has (FSDP2 swaps
         # in sharded DTensor parameters).
-        model = build_model(cfg.model)
+        model = parts.build_model() if parts.model is not None else build_model(cfg.model)
+        summary = model_summary(model) + (f"; weights loaded from {cfg.model.weights}" if cfg.model.weights else "")
         loss = resolve_loss(cfg.model, model)
         strategy.setup_module(model)
         optimizer = build_optimizer(cfg.optim, strategy.unwrapped_model, fused=strategy.wants_fused_optimizer)
@@ -158,7 +166,10 @@ class Trainer:
         seed_everything(cfg.train.seed + dist_env.global_rank)
         checkpointer = Checkpointer(cfg, dist_env, strategy, run)
         tracker = build_tracker(cfg, dist_env)
-        return cls(cfg, dist_env, arithmetic, spec, data, strategy, checkpointer, tracker, console, loss)
+        trainer = cls(cfg, dist_env, arithmetic, spec, data, strategy, checkpointer, tracker, console, loss)
+        trainer.model_summary = summary
+        trainer.metrics = dict(parts.metrics)
+        return trainer
 
     def stateful(self) -> dict[str, Any]:
         """Everything besides model/optimizer/scheduler that a checkpoint must hold for an exact resume."""
@@ -178,6 +189,8 @@ class Trainer:
         total_steps = planned_total_steps(cfg, steps_per_epoch)
         console.print(f"dist_train: {self.dist_env.describe()} strategy={self.strategy.name} precision={cfg.train.precision}")
         console.print(f"batch: {self.arithmetic.describe()}")
+        if self.model_summary:
+            console.print(f"model: {self.model_summary}")
         console.print(
             f"data: {self.data.num_train_samples} train samples -> {steps_per_epoch} steps/epoch "
             f"({train_loader.dropped_per_epoch} samples/epoch dropped to keep global batches full); "
@@ -281,8 +294,11 @@ class Trainer:
         return summary
 
     def _resume(self) -> None:
-        resumed = self.checkpointer.resume(self.checkpointer.run.resume, self.stateful())
+        plan = self.checkpointer.run.resume
+        resumed = self.checkpointer.resume(plan, self.stateful())
         if resumed is None:
+            if plan.kind == "auto":  # a run whose first attempt ended before its first checkpoint
+                self.console.print(f"train.resume=auto: no checkpoint of run {self.checkpointer.run.run_id} yet; starting at optimizer step 0")
             return
         path, changes = resumed
         self._skipped_before = self.progress.skipped_steps
@@ -309,7 +325,7 @@ class Trainer:
         strategy, device = self.strategy, self.strategy.device
         last = len(step_batches) - 1
         compute_start = time.perf_counter()
-        sample_weight = self._sample_weight(step_batches)
+        sample_weight = self._sample_weight()
         step_loss: Any = None
         first_micro_batch = self.dist_env.global_rank * len(step_batches)
         self.watchdog.mark(self.progress.optimizer_step + 1, "forward/backward")
@@ -362,21 +378,15 @@ class Trainer:
         if self.strategy.device.type == "cuda":
             torch.cuda.manual_seed(seed)  # this rank's device only
 
-    def _sample_weight(self, step_batches: list) -> Any:
+    def _sample_weight(self) -> Optional[float]:
         """With data.skip_bad_samples a micro-batch may be short. Its mean loss then weighs by the samples it
-        kept, so the step's gradient is the mean over the samples actually used on all ranks. The streaming
-        loader already agreed on that count (its bad-sample verdict is all-reduced); otherwise it costs one
-        small all-reduce per step, so only when skipping is on. None means every micro-batch is full."""
+        kept, so the step's gradient is the mean over the samples actually used on all ranks: the loader's
+        count of them, agreed over the ranks with its bad-sample verdict (no collective here). None means
+        every micro-batch is full."""
         if not self.cfg.data.skip_bad_samples:
             return None
         # The strategy divides by the accumulation steps and DDP averages over ranks: undo both.
-        scale = self.dist_env.world_size * self.arithmetic.grad_accum_steps
-        kept_by_loader = getattr(self.data.train, "step_samples_kept", None)
-        if kept_by_loader is not None:
-            return scale / kept_by_loader
-        kept = torch.tensor([float(sum(batch_size(batch) for batch in step_batches))], device=self.strategy.device)
-        self.strategy.all_reduce_sum(kept)
-        return scale / kept[0]
+        return self.dist_env.world_size * self.arithmetic.grad_accum_steps / self.data.train.step_samples_kept
 
     def _agree(self, values: list[torch.Tensor]) -> list[list[float]]:
         """One all-gather of per-rank scalars (one host sync): row r holds rank r's values."""
@@ -419,7 +429,7 @@ class Trainer:
         self._check_finite(window)
         self.strategy.sync_buffers()
         try:
-            self.checkpointer.save(self.progress.optimizer_step, self.stateful())
+            path = self.checkpointer.save(self.progress.optimizer_step, self.stateful())
         except BaseException as e:  # DCP's CheckpointException is a BaseException
             storage = storage_error(e)
             if storage is None:
@@ -428,6 +438,8 @@ class Trainer:
             raise OSError(storage.errno, storage.strerror or "No space left on device", storage.filename or str(self.checkpointer.directory)) from None
         self.save_seconds = time.perf_counter() - started
         self.watchdog.last_checkpoint_step = self.progress.optimizer_step
+        how = "writing in the background" if self.cfg.checkpoint.async_save and self.strategy.name == "ddp" else "saved"
+        self.console.print(f"checkpoint: {how} {path} ({self.save_seconds:.1f}s)")
 
     def _log(self, window: StepWindow, bar: Any) -> tuple[bool, bool]:
         """Collective at log steps: one all-gather carries every rank's loss totals, first non-finite step,
@@ -512,6 +524,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         correct = torch.zeros((), device=device, dtype=torch.float64)
         count = torch.zeros((), device=device, dtype=torch.float64)
+        extra = torch.zeros(len(self.metrics), device=device, dtype=torch.float64)
         for *batch, weights in self.data.eval:
             self.watchdog.mark(self.progress.optimizer_step, "eval")
             batch = to_device(batch[0] if len(batch) == 1 else tuple(batch), device)
@@ -535,14 +548,18 @@ class Trainer:
                 per_sample = F.mse_loss(outputs, targets.float(), reduction="none").flatten(1).mean(dim=1)
             loss_sum += (per_sample.double() * weights).sum()
             count += weights.sum()
-        totals = strategy.all_reduce_sum(torch.stack([loss_sum, correct, count]))
+            for i, metric in enumerate(self.metrics.values()):
+                extra[i] += (metric(outputs, targets).detach().reshape(-1).double() * weights).sum()
+        totals = strategy.all_reduce_sum(torch.cat([torch.stack([loss_sum, correct, count]), extra]))
         n = max(totals[2].item(), 1.0)
         metrics = {"eval/loss": totals[0].item() / n, "eval/samples": int(totals[2].item())}
         if self.custom_loss is None and self.spec.task == "classification":
             metrics["eval/accuracy"] = totals[1].item() / n
         elif self.custom_loss is None:
             metrics["eval/mse"] = metrics["eval/loss"]
-        self.console.print("eval: " + "  ".join(f"{k.split('/')[1]}={v:.4f}" if isinstance(v, float) else f"{k.split('/')[1]}={v}" for k, v in metrics.items()))
+        for i, name in enumerate(self.metrics):
+            metrics[f"eval/{name}"] = totals[3 + i].item() / n
+        self.console.print(f"eval at step {self.progress.optimizer_step}: " + "  ".join(f"{k.split('/')[1]}={v:.4f}" if isinstance(v, float) else f"{k.split('/')[1]}={v}" for k, v in metrics.items()))
         self.tracker.log(metrics, step=self.progress.optimizer_step)
         return metrics
 

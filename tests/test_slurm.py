@@ -87,7 +87,7 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches(cluster, referen
 
     # Signal once training is under way (a log line is printed every 5 steps).
     deadline = time.monotonic() + 180
-    while not (log.exists() and re.search(r"step\s+5 \|", log.read_text())):
+    while not (log.exists() and re.search(r"step\s+5/\d+ \|", log.read_text())):
         assert time.monotonic() < deadline, f"no training progress\n{log.read_text() if log.exists() else ''}\n{cluster.logs()}"
         state = cluster.job(job_id)["JobState"]
         assert state in ("PENDING", "CONFIGURING", "RUNNING"), f"job ended early: {state}\n{log.read_text() if log.exists() else ''}"

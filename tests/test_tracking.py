@@ -54,7 +54,7 @@ def scalars(log_dir: Path) -> dict[str, dict[int, float]]:
 
 
 def console_losses(output: str) -> dict[int, float]:
-    return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"step\s+(\d+) \| epoch \d+ \| loss ([\d.]+)", output)}
+    return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"step\s+(\d+)(?:/\d+)? \| epoch \d+ \| loss ([\d.]+)", output)}
 
 
 # ---------------------------------------------------------------- real 2-process jobs
@@ -173,9 +173,10 @@ def _cfg(tmp_path: Path, **tracking: bool) -> Config:
 def test_only_the_main_process_gets_real_trackers(tmp_path):
     cfg = _cfg(tmp_path, wandb=True, tensorboard=True)
     main = build_tracker(cfg, DistEnv())
-    assert isinstance(main, TrackerGroup) and set(main.trackers) == {"wandb", "tensorboard"}
+    assert isinstance(main, TrackerGroup) and set(main.trackers) == {"history", "wandb", "tensorboard"}
     assert type(build_tracker(cfg, DistEnv(global_rank=1, local_rank=1, world_size=2, local_world_size=2))) is NullTracker
-    assert type(build_tracker(_cfg(tmp_path), DistEnv())) is NullTracker
+    # The plain metrics history is kept whatever the trackers: the end-of-run picture reads it.
+    assert set(build_tracker(_cfg(tmp_path), DistEnv()).trackers) == {"history"}
 
 
 def test_resume_never_logs_a_step_twice_and_tensorboard_hides_the_lost_tail(tmp_path):

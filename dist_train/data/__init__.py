@@ -55,14 +55,21 @@ def build_user_data(cfg: Config, arithmetic: BatchArithmetic, dist_env: DistEnv)
     import importlib
 
     from ..config import ConfigError
-    from .loader import EvalLoader, GlobalBatchPlan, MapStyleTrainLoader, UserDataset
 
     module_name, _, attr = cfg.data.source.partition(":")
     try:
         build = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"data.source={cfg.data.source}: cannot import it ({e}); give 'package.module:function' returning (train, eval) datasets") from None
-    train, evaluation = (UserDataset(d) for d in build(cfg.data))
+    return user_data_bundle(*build(cfg.data), cfg=cfg, arithmetic=arithmetic, dist_env=dist_env)
+
+
+def user_data_bundle(train_dataset: Any, eval_dataset: Any, cfg: Config, arithmetic: BatchArithmetic, dist_env: DistEnv) -> DataBundle:
+    """Map-style (train, eval) datasets of a user's (data.source=module:function, or the Python API's
+    objects) under the global batch plan."""
+    from .loader import EvalLoader, GlobalBatchPlan, MapStyleTrainLoader, UserDataset
+
+    train, evaluation = UserDataset(train_dataset), UserDataset(eval_dataset)
     plan = GlobalBatchPlan(len(train), arithmetic.global_batch_size, cfg.train.seed, cfg.data.shuffle)
     train_loader = MapStyleTrainLoader(train, plan, arithmetic, dist_env, cfg.data.num_workers)  # type: ignore[arg-type]
     eval_loader = EvalLoader(evaluation, max(arithmetic.micro_batch_size, 256), dist_env)  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from ..config import DataConfig
+from ..config import ConfigError, DataConfig
 from .sources import SOURCES, SourceData, Split
 
 FORMAT = "dist_train.shards/1"
@@ -382,7 +383,12 @@ def _load_for_prepare(args: argparse.Namespace) -> SourceData:
     else:  # only image_folder looks at the shape: it resizes every file to it
         size = args.image_size or 32
         spec = ModelSpec("shards", (3, size, size), "classification", 10)
-    data = SOURCES[args.source](cfg, spec)
+    try:
+        data = SOURCES[args.source](cfg, spec)
+    except ConfigError as e:  # the sources speak of config keys; here the user gave command-line flags
+        flags = re.sub(r"data\.source=\S+", f"--source {args.source}", str(e))
+        flags = flags.replace("set data.path to the dataset root", "pass --root DIR, the dataset root").replace("data.path=", "--root ")
+        raise ConfigError(flags.replace("set data.download=true", "pass --download").replace("data.download=true", "--download")) from None
     if args.image_size and data.kind == "image":
         data.train, data.test = (_resized(s, args.image_size) for s in (data.train, data.test))
     elif args.image_size:

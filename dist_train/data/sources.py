@@ -104,8 +104,9 @@ def _torchvision_mnist_like(cls_name: str) -> Callable[[DataConfig, ModelSpec], 
             test = cls(root=str(root), train=False, download=cfg.download)
         except RuntimeError as e:
             raise ConfigError(
-                f"data.path={root}: {cls_name} not found ({e}); put the raw idx files under {root}/{cls_name}/raw "
-                "or set data.download=true on a machine with network"
+                f"data.path={root}: {cls_name} not found; put its four raw idx files (train-images-idx3-ubyte, "
+                f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, optionally .gz) under "
+                f"{root}/{cls_name}/raw/ or set data.download=true on a machine with network"
             ) from None
 
         def to_split(ds, name: str) -> Split:
