@@ -16,7 +16,6 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from .batches import batch_size, model_input, resolve_loss, select, task_loss, to_device

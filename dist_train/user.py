@@ -11,7 +11,7 @@ resume its position; write it as shards (`dist-train data prepare`) instead.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Union
 
 import torch
 from torch import nn

@@ -7,13 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from dist_train.config import load_config
-from dist_train.data import GlobalBatchPlan, load_source
-from dist_train.data.transforms import adapt_images
-from dist_train.models import build_model, model_spec
-from dist_train.trainer import seed_everything
+from dist_train.models import build_model
+from tests.hand_loop import tutorial_loop
 from tests.procs import REPO, dist_train, worker
 
 pytestmark = pytest.mark.slow
@@ -26,32 +23,12 @@ def _train_cli(preset: str, out: Path, nproc: int, *overrides: str) -> dict[str,
     return torch.load(out / "model.pt", weights_only=True)
 
 
-def _tutorial_loop(preset: str, overrides: list[str], batch_size: int) -> dict[str, torch.Tensor]:
-    """The hand-written tutorial loop on the same batches: zero_grad, loss.backward, step."""
-    cfg = load_config(REPO / "configs" / preset, overrides)
-    spec = model_spec(cfg.model)
-    source = load_source(cfg.data, spec)
-    seed_everything(cfg.train.seed)
-    model = build_model(cfg.model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-    order = GlobalBatchPlan(len(source.train), batch_size, cfg.train.seed).epoch_order(0)
-    for step in range(STEPS):
-        idx = order[step * batch_size : (step + 1) * batch_size]
-        X, y = adapt_images(source.train.inputs[idx], spec.input_shape), source.train.targets[idx]
-        pred = model(X)
-        loss = F.cross_entropy(pred, y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.state_dict()
-
-
 @pytest.mark.parametrize("preset", ["mlp_digits.yaml", "cnn_digits.yaml"])
 def test_two_ranks_with_accumulation_equal_one_big_batch_and_the_tutorial_loop(preset, tmp_path):
     common = ["data.source=digits", f"train.max_steps={STEPS}", "train.global_batch_size=32", "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9", "optim.schedule=constant"]
     distributed = _train_cli(preset, tmp_path / "w2", 2, *common, "train.micro_batch_size=8")  # 8 x 2 ranks x 2 accum
     single = _train_cli(preset, tmp_path / "w1", 1, *common, "train.micro_batch_size=32")  # 32 x 1 x 1
-    tutorial = _tutorial_loop(preset, common, batch_size=32)
+    tutorial = tutorial_loop(preset, common, batch_size=32, steps=STEPS)
     initial = build_model(load_config(REPO / "configs" / preset).model).state_dict()
     for name, reference in tutorial.items():
         assert not torch.equal(reference, initial[name]) or "bias" in name, f"{name} did not train"

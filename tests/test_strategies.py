@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from dist_train.config import load_config
 from dist_train.data import GlobalBatchPlan, load_source
@@ -24,7 +22,7 @@ from dist_train.export import export_checkpoint
 from dist_train.models import build_model, model_spec
 from dist_train.strategies import STRATEGIES
 from dist_train.strategies.dcp import load_dcp_full
-from dist_train.trainer import seed_everything
+from tests.hand_loop import tutorial_loop
 from tests.procs import REPO, dist_train, worker
 
 pytestmark = pytest.mark.slow
@@ -37,30 +35,11 @@ COMMON = ["data.source=digits", f"train.max_steps={STEPS}", "train.global_batch_
           "checkpoint.interval_steps=2", "checkpoint.keep_latest=5"]
 
 
-def _hand_loop(preset: str, batch_size: int) -> dict[str, torch.Tensor]:
-    """zero_grad, backward, clip_grad_norm_, step on the same global batches, one process."""
-    cfg = load_config(REPO / "configs" / preset, COMMON)
-    spec = model_spec(cfg.model)
-    source = load_source(cfg.data, spec)
-    seed_everything(cfg.train.seed)
-    model = build_model(cfg.model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-    order = GlobalBatchPlan(len(source.train), batch_size, cfg.train.seed).epoch_order(0)
-    for step in range(STEPS):
-        idx = order[step * batch_size : (step + 1) * batch_size]
-        loss = F.cross_entropy(model(adapt_images(source.train.inputs[idx], spec.input_shape)), source.train.targets[idx])
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        optimizer.step()
-    return model.state_dict()
-
-
 @pytest.fixture(scope="module", params=["mlp_digits.yaml", "cnn_digits.yaml"])
 def scenarios(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param.split(".")[0])
     worker("strategy_scenarios.py", [out, request.param, str(STOP), ",".join(STRATEGY_NAMES), *COMMON], nproc=2, timeout=600)
-    return {"preset": request.param, "out": out, "hand": _hand_loop(request.param, 32)}
+    return {"preset": request.param, "out": out, "hand": tutorial_loop(request.param, COMMON, batch_size=32, steps=STEPS, clip=CLIP)}
 
 
 @pytest.mark.parametrize("strategy", STRATEGY_NAMES)
