@@ -173,7 +173,7 @@ def decide_start(path: Path, cfg: Config, restarted: bool) -> RunInfo:
     existing = read_run_file(path)
     outputs = _has_outputs(path)
     notes: list[str] = []
-    print_fp = fingerprint(cfg)
+    run_fingerprint = fingerprint(cfg)
 
     if existing is not None and (restarted or resume == "auto"):
         plan = ResumePlan("auto")
@@ -188,14 +188,14 @@ def decide_start(path: Path, cfg: Config, restarted: bool) -> RunInfo:
             )
         if diverged is not None:  # the user resumes by hand, presumably with a fix
             update_run_file(path, diverged_at_step=None)
-        return RunInfo(existing["run_id"], existing.get("fingerprint", print_fp), plan, tuple(notes))
+        return RunInfo(existing["run_id"], existing.get("fingerprint", run_fingerprint), plan, tuple(notes))
 
     explicit_path = resume not in (None, "auto")
     if existing is not None and explicit_path and _is_inside(Path(resume), path):
         # Rolling this run back to one of its own checkpoints: the same run, continued from there.
         if existing.get("diverged_at_step") is not None:
             update_run_file(path, diverged_at_step=None)
-        return RunInfo(existing["run_id"], existing.get("fingerprint", print_fp), ResumePlan("path", resume), tuple(notes))
+        return RunInfo(existing["run_id"], existing.get("fingerprint", run_fingerprint), ResumePlan("path", resume), tuple(notes))
 
     if outputs:
         owner = f"run {existing['run_id']}" if existing else "a run of an older dist_train or another tool"
@@ -211,16 +211,16 @@ def decide_start(path: Path, cfg: Config, restarted: bool) -> RunInfo:
     run_id = uuid.uuid4().hex[:12]
     record = {
         "run_id": run_id,
-        "fingerprint": print_fp,
+        "fingerprint": run_fingerprint,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "parent": resume if explicit_path else None,
         "diverged_at_step": None,
     }
     atomic_write(path / RUN_FILE, json.dumps(record, indent=2) + "\n")
     if resume == "auto":
-        return RunInfo(run_id, print_fp, ResumePlan("none"), (*notes, f"train.resume=auto: nothing to resume in {path}; starting run {run_id}"))
+        return RunInfo(run_id, run_fingerprint, ResumePlan("none"), (*notes, f"train.resume=auto: nothing to resume in {path}; starting run {run_id}"))
     plan = ResumePlan("path", resume) if explicit_path else ResumePlan("none")
-    return RunInfo(run_id, print_fp, plan, tuple(notes))
+    return RunInfo(run_id, run_fingerprint, plan, tuple(notes))
 
 
 def _is_inside(candidate: Path, directory: Path) -> bool:
