@@ -433,8 +433,9 @@ class Checkpointer:
                 if problem is None:
                     return self.directory / entry["name"]
                 print(f"dist-train: warning: not resuming from {entry['name']}: {problem}", flush=True)
-            if not index.exists and complete_checkpoints(self.directory):
-                return complete_checkpoints(self.directory)[-1]  # written before the index existed
+            legacy = [] if index.exists else complete_checkpoints(self.directory)  # written before the index existed
+            if legacy:
+                return legacy[-1]
             return find_checkpoint(plan.fallback, Path(self.cfg.output_dir)) if plan.fallback else None
         path = find_checkpoint(plan.path, Path(self.cfg.output_dir))
         if path is not None and path.parent.resolve() == self.directory.resolve():

@@ -531,12 +531,12 @@ class Trainer:
             with strategy.autocast():
                 outputs = strategy.eval_forward(model_input(batch))
             if self.custom_loss is not None or isinstance(batch, dict):
-                # A loss of the model's own is a mean over the batch: take it over the real samples only (the
-                # padding sits at the end of a rank's share), times their count. The padded forward above ran
-                # anyway, so sharded models gather their weights the same number of times on every rank.
+                # A loss of the model's own is a mean over the batch: take it over the real samples' outputs only
+                # (the padding sits at the end of a rank's share), times their count. One forward per batch on
+                # every rank, padded or not: sharded models gather their weights in it collectively.
                 real = int(weights.sum().item())
                 if real:
-                    loss_sum += self.loss(strategy.eval_forward(model_input(select(batch, real))), select(batch, real)).double() * real
+                    loss_sum += self.loss(select(outputs, real), select(batch, real)).double() * real
                     count += real
                 continue
             outputs, targets = outputs.float(), batch[1]
