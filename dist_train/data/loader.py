@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -72,15 +72,16 @@ class InMemoryDataset(Dataset):
     def __getitem__(self, index: int) -> Batch:
         return self.__getitems__([index])
 
-    def __getitems__(self, indices: list[int]) -> Batch:
-        idx = torch.as_tensor(indices, dtype=torch.long)
+    def __getitems__(self, indices: Union[list[int], torch.Tensor]) -> Batch:
+        # index_select, not advanced indexing: a quarter of the time for a batch of rows (4 vs 16 us).
+        idx = indices if isinstance(indices, torch.Tensor) else torch.as_tensor(indices, dtype=torch.long)
         if self.fitted is not None:
-            inputs = self.fitted[idx]
+            inputs = self.fitted.index_select(0, idx)
         elif self.images:
-            inputs = adapt_images(self.split.inputs[idx], self.input_shape)
+            inputs = adapt_images(self.split.inputs.index_select(0, idx), self.input_shape)
         else:
-            inputs = self.split.inputs[idx].float()
-        return inputs, self.split.targets[idx]
+            inputs = self.split.inputs.index_select(0, idx).float()
+        return inputs, self.split.targets.index_select(0, idx)
 
 
 class UserDataset(Dataset):
@@ -93,9 +94,11 @@ class UserDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitems__(self, indices: list[int]) -> Any:
+    def __getitems__(self, indices: Union[list[int], torch.Tensor]) -> Any:
         from torch.utils.data import default_collate
 
+        if isinstance(indices, torch.Tensor):
+            indices = indices.tolist()  # a user's __getitem__ expects ints
         batch = default_collate([self.dataset[i] for i in indices])
         return tuple(batch) if isinstance(batch, list) else batch
 
@@ -149,23 +152,24 @@ class MapStyleTrainLoader:
             self.epoch = epoch
             self.samples_consumed = 0
 
-    def _micro_batch_indices(self, start_step: int) -> Iterator[list[int]]:
+    def _micro_batch_indices(self, start_step: int) -> Iterator[torch.Tensor]:
         order = self.plan.epoch_order(self.epoch)
         micro = self.arithmetic.micro_batch_size
         for step in range(start_step, self.steps_per_epoch):
             rank_indices = self.plan.rank_slice(order, step, self.dist_env.global_rank, self.dist_env.world_size)
             for m in range(self.arithmetic.grad_accum_steps):
-                yield rank_indices[m * micro : (m + 1) * micro].tolist()
+                yield rank_indices[m * micro : (m + 1) * micro]
 
     def __iter__(self) -> Iterator[list[Batch]]:
         start_step = self.samples_consumed // self.plan.global_batch_size
         micro_batches = self._micro_batch_indices(start_step)
         if self.num_workers == 0:
+            # No DataLoader without workers: it would only add its own per-batch bookkeeping.
             batches: Iterator[Batch] = (self.dataset.__getitems__(indices) for indices in micro_batches)
         else:
             batches = iter(DataLoader(
                 self.dataset,
-                batch_sampler=list(micro_batches),
+                batch_sampler=[indices.tolist() for indices in micro_batches],  # lists pickle to workers cheaply
                 collate_fn=_identity,
                 num_workers=self.num_workers,
                 persistent_workers=False,
