@@ -1,7 +1,7 @@
 """DDP (and plain single-process) strategy: NCCL on CUDA, gloo on CPU; checkpoints in DCP (strategies/dcp.py).
 
-`scaled_optimizer_step` is the torch-native optimizer step (loss-scaler unscale, global-norm clipping,
-step, skip flag on the device) that FSDP2 shares."""
+`scaled_backward` and `scaled_optimizer_step` (loss-scaler unscale, global-norm clipping, step, skip flag on
+the device) are the torch-native backward and optimizer step that FSDP2 shares."""
 
 from __future__ import annotations
 
@@ -61,8 +61,7 @@ class DDPStrategy(DCPCheckpointing, Strategy):
     def backward(self, micro_batch_loss: torch.Tensor, is_last_micro_batch: bool) -> None:
         # DDP averages over ranks; dividing by the accumulation count makes the sum over micro-batches a mean,
         # so the gradient is the mean over the whole global batch, as with one big batch on one process.
-        loss = micro_batch_loss / self.arithmetic.grad_accum_steps
-        self.scaler.scale(loss).backward()
+        scaled_backward(self.scaler, micro_batch_loss, self.arithmetic.grad_accum_steps)
 
     def optimizer_step(self, compute_grad_norm: bool = True) -> StepResult:
         # After DDP's all-reduce every rank holds the same gradients, so every rank sees the same inf/nan
@@ -88,6 +87,13 @@ def scaler_found_inf(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimi
     """
     per_device = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
     return sum(per_device.values()).reshape(())
+
+
+def scaled_backward(scaler: Any, micro_batch_loss: torch.Tensor, grad_accum_steps: int) -> None:
+    """Backward of loss / grad_accum_steps, loss-scaled under fp16; no extra tensor op when neither applies
+    (dividing by 1 changes no bit, but costs a kernel launch per micro-batch)."""
+    loss = micro_batch_loss if grad_accum_steps == 1 else micro_batch_loss / grad_accum_steps
+    (scaler.scale(loss) if scaler.is_enabled() else loss).backward()
 
 
 def scaled_optimizer_step(optimizer: Any, scaler: Any, params: list, grad_clip: Any, compute_grad_norm: bool) -> StepResult:

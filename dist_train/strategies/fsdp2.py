@@ -21,7 +21,7 @@ from ..config import ConfigError
 from ..env import init_single_process_group
 from .base import StepResult, Strategy, autocast_dtype, check_precision_supported
 from .dcp import DCPCheckpointing
-from .ddp import scaled_optimizer_step
+from .ddp import scaled_backward, scaled_optimizer_step
 
 BLOCK_CLASS_NAMES = ("BasicBlock", "Bottleneck")  # torchvision ResNets' residual blocks
 LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -94,7 +94,7 @@ class FSDP2Strategy(DCPCheckpointing, Strategy):
 
     def backward(self, micro_batch_loss: torch.Tensor, is_last_micro_batch: bool) -> None:
         # The reduce-scatter averages over ranks; dividing by the accumulation count makes it the global mean.
-        self.scaler.scale(micro_batch_loss / self.arithmetic.grad_accum_steps).backward()
+        scaled_backward(self.scaler, micro_batch_loss, self.arithmetic.grad_accum_steps)
 
     def optimizer_step(self, compute_grad_norm: bool = True) -> StepResult:
         return scaled_optimizer_step(self.optimizer, self.scaler, self._params, self.cfg.train.grad_clip, compute_grad_norm)
