@@ -5,12 +5,12 @@ Policy: stop. A non-finite loss or gradient norm (or, under fp16, more than
 line naming the first bad optimizer step and exit code 3; the checkpoint before it stays the newest one,
 and a restart of the job (torchrun, Slurm) refuses to train into the same divergence again.
 
-How it stays cheap: each step appends the window's running loss sum to a device buffer (one copy). A
-running sum stays non-finite once any term was, so the first non-finite entry is the first bad step. The
-gradient norm joins the sum as `0 * norm` (0 when finite, NaN otherwise) on the steps that compute it.
-Under fp16, steps the scaler skipped leave the weights untouched and are left out of the sum; they are
-counted instead. The buffer is read at log steps (where the loop syncs anyway) and before every save,
-together with a check that the parameters themselves are finite.
+How it stays cheap: each step appends its (detached) loss tensor to a list, no device work at all; at log
+steps (where the loop syncs anyway) and before every save the list is stacked once, giving both the
+window's loss sum and the first non-finite entry, which is the first bad step. The gradient norm joins a
+step's entry as `0 * norm` (0 when finite, NaN otherwise) on the steps that compute it. Under fp16, steps
+the scaler skipped leave the weights untouched and enter as 0; they are counted instead. Saves also check
+that the parameters themselves are finite.
 """
 
 from __future__ import annotations
@@ -35,14 +35,13 @@ Skipped = Union[bool, torch.Tensor]
 
 
 class StepWindow:
-    """Running sums between two log lines; everything stays on the device so no step forces a host sync."""
+    """The steps between two log lines; everything stays on the device so no step forces a host sync."""
 
-    def __init__(self, device: torch.device, capacity: int, first_step: int) -> None:
+    def __init__(self, device: torch.device, first_step: int) -> None:
         self.device = device
         self.first_step = first_step  # the optimizer step this window's first entry belongs to
-        self.loss_sum = torch.zeros((), device=device)
-        self.counted: Any = 0  # micro-batches in loss_sum: an int, or a device tensor once steps can be skipped
-        self.running = torch.zeros(max(capacity, 1), device=device)
+        self.losses: list[torch.Tensor] = []  # per step: the sum of its micro-batch losses (0 if skipped)
+        self.counted: Any = 0  # micro-batches in the losses: an int, or a device tensor once steps can be skipped
         self.steps = 0
         self.grad_norm: Any = None
         self.data_wait = 0.0
@@ -51,27 +50,38 @@ class StepWindow:
         self.start_time = time.perf_counter()
 
     def add_step(self, step_loss: torch.Tensor, micro_batches: int, grad_norm: Optional[torch.Tensor], skipped: Skipped) -> None:
-        """`step_loss`: the sum of this step's micro-batch losses."""
+        """`step_loss`: the sum of this step's micro-batch losses, detached."""
         if grad_norm is not None:
             step_loss = step_loss + grad_norm.to(step_loss.device) * 0.0  # NaN unless the norm is finite
         if isinstance(skipped, torch.Tensor):
             kept = ~skipped
-            self.loss_sum += torch.where(kept, step_loss, torch.zeros_like(step_loss))
+            step_loss = torch.where(kept, step_loss, torch.zeros_like(step_loss))
             self.counted = self.counted + kept.to(torch.float32) * micro_batches
-        elif not skipped:
-            self.loss_sum += step_loss
+        elif skipped:
+            step_loss = torch.zeros_like(step_loss)
+        else:
             self.counted = self.counted + micro_batches
-        if self.steps >= self.running.numel():  # more steps than the log interval (a save between logs)
-            self.running = torch.cat([self.running, torch.zeros_like(self.running)])
-        self.running[self.steps] = self.loss_sum
+        if step_loss.dtype != torch.float32 or step_loss.dim():  # a model's own loss may be half or shaped [1]
+            step_loss = step_loss.float().reshape(())
+        self.losses.append(step_loss)
         self.grad_norm = grad_norm
         self.steps += 1
+
+    def _stacked(self) -> torch.Tensor:
+        if not self.losses:
+            return torch.zeros(0, device=self.device)
+        return torch.stack(self.losses)
+
+    @property
+    def loss_sum(self) -> torch.Tensor:
+        """Device scalar: the window's loss total (over the kept micro-batches)."""
+        return self._stacked().sum()
 
     def first_bad_step(self) -> torch.Tensor:
         """Device scalar: the first optimizer step with a non-finite value in this window, -1 if none."""
         if self.steps == 0:
             return torch.full((), -1.0, device=self.device)
-        bad = ~torch.isfinite(self.running[: self.steps])
+        bad = ~torch.isfinite(self._stacked())
         first = self.first_step + bad.to(torch.int64).argmax().to(torch.float32)
         return torch.where(bad.any(), first, torch.full_like(first, -1.0))
 

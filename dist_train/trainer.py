@@ -318,7 +318,7 @@ class Trainer:
         return task_loss(self.spec.task, outputs, batch[1])
 
     def _new_window(self) -> StepWindow:
-        return StepWindow(self.strategy.device, self.cfg.train.log_interval, self.progress.optimizer_step + 1)
+        return StepWindow(self.strategy.device, self.progress.optimizer_step + 1)
 
     def _optimizer_step(self, step_batches: list, window: StepWindow, will_log: bool = True) -> None:
         strategy, device = self.strategy, self.strategy.device
