@@ -146,28 +146,42 @@ def finish_interrupted(reason: BaseException, dist_env: DistEnv, preempted: bool
 
 
 class StopAgreement:
-    """All ranks agree on a stop request at the same optimizer step, one step after it arrived, without
-    a host sync per step.
+    """All ranks agree on a stop request at the same optimizer step, soon after it arrived, without a host
+    sync per step.
 
-    At each step boundary every rank starts an asynchronous MAX all-reduce of its stop flag on a gloo group
-    of its own (CPU tensors: no device sync, even under NCCL) and waits for the one it started at the
-    previous boundary, which has long finished (DDP keeps ranks within one step of each other). Every rank
-    reads the same result at the same boundary, so all stop at the same step. Costs one tiny collective
-    per step, overlapped with the next step's compute."""
+    At every `every`-th step boundary each rank starts an asynchronous MAX all-reduce of its stop flag on a
+    gloo group of its own (CPU tensors: no device sync, even under NCCL) and waits for the one it started at
+    the previous such boundary, which has long finished (DDP keeps ranks within one step of each other).
+    Every rank reads the same result at the same boundary, so all stop at the same step. `every` follows the
+    step time (`pace`, told at log steps with a value every rank shares), so the flag crosses the network
+    about every `poll_seconds` however short the steps are: one tiny collective per ~0.1 s, overlapped with
+    compute, and a stop honoured within about twice that."""
 
-    def __init__(self, dist_env: DistEnv) -> None:
+    def __init__(self, dist_env: DistEnv, poll_seconds: float = 0.1, max_every: int = 1000) -> None:
         import torch
         import torch.distributed as dist
 
         self._torch, self._dist = torch, dist
         self.group = dist.new_group(backend="gloo") if dist_env.distributed and dist.is_initialized() else None
+        self.poll_seconds = poll_seconds
+        self.max_every = max_every
+        self.every = 1  # until the first log step tells the pace
+        self._boundaries = 0
         self._work: Any = None
         self._flag: Any = None
 
+    def pace(self, step_seconds: float) -> None:
+        """Call on every rank with the same value (the slowest rank's seconds per step, agreed at a log step)."""
+        self.every = max(1, min(self.max_every, int(self.poll_seconds / max(step_seconds, 1e-9))))
+
     def step(self, requested: bool) -> bool:
-        """Called at every step boundary on every rank; True at the boundary after any rank's request."""
+        """Called at every step boundary on every rank; True on every rank alike once any rank's request has
+        crossed (a boundary or two of the agreement interval after it)."""
         if self.group is None:
             return requested
+        self._boundaries += 1
+        if self._boundaries % self.every:
+            return False
         agreed = False
         if self._work is not None:
             self._work.wait()

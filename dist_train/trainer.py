@@ -452,6 +452,7 @@ class Trainer:
             torch.tensor(float(self.checkpointer.seconds_due())),
             torch.tensor(window.data_wait + window.forward),  # this rank's own pace (straggler columns)
             torch.tensor(window.data_wait),
+            torch.tensor(time.perf_counter() - window.start_time),
         ])
         self._count_skips([r[2:] for r in rows])
         self._divergence(rows, first_bad_col=2, skip_run_col=3)
@@ -459,6 +460,7 @@ class Trainer:
         save_for_time = any(r[6] for r in rows)
         if window.steps == 0:
             return stop, save_for_time
+        self.stop_agreement.pace(max(r[9] for r in rows) / window.steps)  # the same value on every rank
         counted = sum(r[1] for r in rows)
         loss = sum(r[0] for r in rows) / counted if counted else float("nan")
         elapsed = time.perf_counter() - window.start_time
