@@ -2,6 +2,12 @@
 synchronous vs asynchronous save (how long the training loop is blocked, and how long until the
 checkpoint is complete on disk), on 1 and 2 processes (gloo on CPU, NCCL when CUDA is there).
 
+An asynchronous save blocks the loop twice: in save() (taking the state dict, side files) and, if the
+background copy to the staging buffers is not done by then, at the next optimizer step. Both count in
+"blocked s": after each save the benchmark runs one real training step and times that wait. The memory
+cost is the staging buffers (kept and reused across saves): their size, and the growth of this
+process's resident memory over the saves.
+
   python benchmarks/bench_checkpoint.py [--nproc 1,2] [--repeats 3] [--dir /tmp/bench_ckpt]
 
 Prints a table and writes benchmarks/results/checkpoint.json. Each process count runs under torchrun
@@ -28,6 +34,11 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def measure(directory: Path, repeats: int) -> dict:
     """One process of the run: build the real strategy + Checkpointer and time save / async save / load."""
     import torch
@@ -51,19 +62,34 @@ def measure(directory: Path, repeats: int) -> dict:
             strategy.setup_module(build_model(cfg.model))
             optimizer = build_optimizer(cfg.optim, strategy.unwrapped_model)
             strategy.setup_optimizer(optimizer, build_scheduler(cfg.optim, optimizer, 100))
+            inputs = torch.randn(2, 3, 32, 32, device=strategy.device)
+
+            def forward_backward() -> None:
+                strategy.backward(strategy.model(inputs).sum(), True)
+
             # One real step so Adam's state (exp_avg, exp_avg_sq) exists and is saved.
-            loss = strategy.model(torch.randn(2, 3, 32, 32, device=strategy.device)).sum()
-            strategy.backward(loss, True)
+            forward_backward()
             strategy.optimizer_step()
             checkpointer = Checkpointer(cfg, dist_env, strategy)
-            blocked, complete, load = [], [], []
+            blocked, in_save, complete, load = [], [], [], []
+            rss_before = _rss_bytes()
             for step in range(1, repeats + 1):
                 strategy.barrier()
                 start = time.perf_counter()
                 path = checkpointer.save(step, {})
-                blocked.append(time.perf_counter() - start)
+                saved = time.perf_counter()
+                # Training goes on: the next step's forward/backward overlaps the background copy; the
+                # optimizer step may not start before it is done.
+                forward_backward()
+                waited = time.perf_counter()
+                strategy.finish_staging()
+                blocked.append(saved - start + time.perf_counter() - waited)
+                in_save.append(saved - start)
+                strategy.optimizer_step()
                 checkpointer.wait()
-                complete.append(time.perf_counter() - start)
+                # A synchronous save is complete when save() returns; an asynchronous one by the end of wait(),
+                # an upper bound since its write overlapped the training step.
+                complete.append(saved - start if mode == "sync" else time.perf_counter() - start)
                 strategy.barrier()
                 start = time.perf_counter()
                 checkpointer.resume(str(path), {})
@@ -73,6 +99,9 @@ def measure(directory: Path, repeats: int) -> dict:
             results[mode] = {
                 "size_mb": size / 1e6,
                 "blocked_s": statistics.median(blocked),
+                "blocked_in_save_s": statistics.median(in_save),
+                "staged_mb": strategy.staged_bytes() / 1e6 if mode == "async" else 0.0,
+                "rss_growth_mb": (_rss_bytes() - rss_before) / 1e6,
                 "complete_s": statistics.median(complete),
                 "load_s": statistics.median(load),
             }
@@ -118,7 +147,10 @@ def main() -> None:
         if args.dir is None:
             shutil.rmtree(base, ignore_errors=True)
 
-    header = f"{'procs':>5} {'mode':>5} {'size MB':>8} {'save s':>7} {'save MB/s':>9} {'blocked s':>9} {'load s':>7} {'load MB/s':>9}"
+    header = (
+        f"{'procs':>5} {'mode':>5} {'size MB':>8} {'save s':>7} {'save MB/s':>9} {'blocked s':>9} {'of sync':>7} "
+        f"{'staged MB':>9} {'RSS +MB':>7} {'load s':>7} {'load MB/s':>9}"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -126,9 +158,14 @@ def main() -> None:
             r = row[mode]
             print(
                 f"{row['nproc']:>5} {mode:>5} {r['size_mb']:>8.1f} {r['complete_s']:>7.3f} {r['size_mb'] / r['complete_s']:>9.1f} "
-                f"{r['blocked_s']:>9.3f} {r['load_s']:>7.3f} {r['size_mb'] / r['load_s']:>9.1f}"
+                f"{r['blocked_s']:>9.3f} {r['blocked_s'] / row['sync']['blocked_s']:>7.1%} {r['staged_mb']:>9.1f} {r['rss_growth_mb']:>7.1f} "
+                f"{r['load_s']:>7.3f} {r['size_mb'] / r['load_s']:>9.1f}"
             )
-    print("save s = until the checkpoint is complete on disk; blocked s = time the training loop waits in save()")
+    print(
+        "save s = until the checkpoint is complete on disk; blocked s = time the training loop waits (in save(), and for the\n"
+        "background copy before the next optimizer step); staged MB = the host buffers that copy keeps (per process, reused\n"
+        "across saves); RSS +MB = growth of the process's resident memory over the saves"
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "checkpoint.json").write_text(json.dumps(rows, indent=2))
     print(f"wrote {RESULTS / 'checkpoint.json'}")

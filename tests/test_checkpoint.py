@@ -290,6 +290,62 @@ def test_interval_seconds_and_async_save_on_one_process(tmp_path):
     assert complete_checkpoints(tmp_path / "not_due" / "checkpoints") == []
 
 
+WIDE_NET = [
+    "model.name=tests.nets:DropoutBatchNormNet", "model.kwargs={width: 512}", "model.input_shape=[1,8,8]", "model.task=classification",
+    "data.source=digits", "optim.name=adam", "optim.lr=0.003", "train.global_batch_size=32", "train.micro_batch_size=16",
+    "train.max_steps=6", "train.log_interval=3", "train.progress_bar=false", "checkpoint.interval_steps=1", "checkpoint.keep_latest=10",
+]  # fmt: skip
+
+
+def test_async_checkpoint_holds_the_step_it_was_taken_at_while_training_goes_on(tmp_path):
+    # An asynchronous save copies the state in a background thread while the loop runs on: the next
+    # micro-batches' forwards rewrite BatchNorm's running statistics and the next optimizer step the weights
+    # and Adam's moments. Every checkpoint must still equal the synchronous run's at its step. The net is
+    # wide (~4 MB of state) so the copy is still running when the next step starts.
+    runs = {}
+    for mode in ("sync", "async"):
+        trainer = Trainer.build(load_config(None, [*WIDE_NET, f"output_dir={tmp_path / mode}", f"checkpoint.async_save={mode == 'async'}"]), detect_environment())
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+        runs[mode] = tmp_path / mode
+    for step in range(1, 7):
+        sync, written_async = load_dcp_full(_step_dir(runs["sync"], step)), load_dcp_full(_step_dir(runs["async"], step))
+        assert sync["optimizer"]["state"]["head.weight"]["step"].item() == step
+        _assert_identical(sync, written_async, f"step {step}")
+
+
+def test_async_save_copies_the_state_before_the_next_optimizer_step_changes_it(tmp_path):
+    # The tightest schedule the loop allows: the optimizer step right after save() returns, while the
+    # background copy of the wide net's ~4 MB state has just begun (without the wait in optimizer_step this
+    # fails: the checkpoint holds Adam's step count of the step after).
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    trainer = Trainer.build(load_config(None, [*WIDE_NET, f"output_dir={tmp_path}", "checkpoint.async_save=true"]), detect_environment())
+    strategy, batch = trainer.strategy, torch.randn(16, 1, 8, 8)
+
+    def forward_backward() -> None:
+        strategy.backward(strategy.model(batch).logsumexp(1).mean(), True)
+
+    try:
+        forward_backward()
+        strategy.optimizer_step()  # Adam's moments exist
+        for step in range(1, 6):
+            forward_backward()
+            model_state, optim_state = get_state_dict(strategy.unwrapped_model, strategy.optimizer)
+            expected = {"model": {k: v.clone() for k, v in model_state.items()}, "state": {k: {n: t.clone() for n, t in v.items()} for k, v in optim_state["state"].items()}}
+            path = trainer.checkpointer.save(step, trainer.stateful())
+            strategy.optimizer_step()
+            strategy.model(batch)  # a training forward: rewrites BatchNorm's running statistics
+            trainer.checkpointer.wait()
+            saved = load_dcp_full(path)
+            assert not torch.equal(saved["model"]["head.weight"], strategy.unwrapped_model.head.weight.detach())  # training went on
+            _assert_identical(expected, {"model": saved["model"], "state": saved["optimizer"]["state"]}, f"step {step}")
+    finally:
+        trainer.close()
+
+
 def test_loading_refuses_pickled_code_in_dcp_metadata(tmp_path):
     trainer = _trainer(tmp_path / "run")
     path = trainer.checkpointer.save(1, trainer.stateful())

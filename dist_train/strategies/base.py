@@ -180,6 +180,10 @@ class Strategy(ABC):
         Returns None when the files are written, or a Future that completes (on the main process) once every
         rank's files are written (background save); the Checkpointer marks the directory complete after that."""
 
+    def finish_staging(self) -> None:
+        """Block until a background save has copied the state it saves; the optimizer step calls it first.
+        A no-op for backends that save nothing in the background."""
+
     @abstractmethod
     def load_checkpoint(self, directory: Path, meta: dict) -> None:
         """Collective: restores model, optimizer, scheduler and scaler; `meta` is the checkpoint's meta.json.

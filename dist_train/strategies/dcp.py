@@ -4,6 +4,16 @@ Both save `get_state_dict(model, optimizer)` under the same keys (the tutorial's
 tensors (DDP) or sharded DTensors (FSDP2); DCP records global shapes, so either loads into the other on any
 world size. Loading never unpickles arbitrary objects: DCP's pickled `.metadata` goes through an allow-list
 unpickler and its non-tensor items load with `weights_only=True`.
+
+An asynchronous save (`checkpoint.async_save`) blocks the loop only for `get_state_dict`: a background
+thread copies the state into host buffers that are kept and reused across saves (pinned on CUDA), and
+DCP writes that copy from another thread. Until the copy is done the parameters and the optimizer state
+must not change, so `optimizer_step` first waits for it (`finish_staging`); buffers (BatchNorm running
+statistics), which every training forward rewrites, are cloned before the save returns.
+
+torch.distributed.checkpoint is imported only when a checkpoint is saved or loaded: a run that saves
+nothing does not need it (its own modules cost ~0.1 s; the sympy and DTensor imports beneath it come
+anyway, since torch.optim's first `add_param_group` imports torch._dynamo).
 """
 
 from __future__ import annotations
@@ -29,12 +39,39 @@ class DCPCheckpointing:
 
     checkpoint_format = "dcp"
     _checkpoint_group: Any = None
+    _stager: Any = None  # DCP's DefaultStager: owns the host buffers an asynchronous save copies into
+    _staging: Any = None  # Future of the copy in flight: done once the state may change again
 
     def _dcp_state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optim_state = get_state_dict(self.unwrapped_model, self.optimizer)
         return {"model": model_state, "optimizer": optim_state, "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def _async_state(self) -> dict:
+        """The state for a background copy. Buffers are cloned now: the next training forward rewrites
+        BatchNorm's running statistics in place (and DDP broadcasts rank 0's over them) before the optimizer
+        step that waits for the copy. They are small; parameters and optimizer state change only in that step."""
+        state = self._dcp_state()
+        buffer_names = {name for name, _ in self.unwrapped_model.named_buffers()}
+        state["model"] = {k: v.detach().clone() if k in buffer_names and isinstance(v, torch.Tensor) else v for k, v in state["model"].items()}
+        return state
+
+    def _staging_options(self) -> Any:
+        from torch.distributed.checkpoint.staging import StagingOptions
+
+        cuda = self.device.type == "cuda"
+        # Pinned host memory makes the device-to-host copy fast and lets it run on a side stream
+        # (non-blocking); both need CUDA. Shared memory serves only DCP's process-based writer: the
+        # writer here is a thread of this process, and on CPU shared memory made staging slower.
+        return StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=True, use_non_blocking_copy=cuda)
+
+    def finish_staging(self) -> None:
+        """Block until an asynchronous save has copied the state it saves (a no-op when none is copying).
+        Called before anything writes parameters or optimizer state: the optimizer step, a load."""
+        staging, self._staging = self._staging, None
+        if staging is not None:
+            staging.result()
 
     def _async_group(self) -> Any:
         """A gloo group of the checkpoint's own: on the default group the save thread's collectives interleave
@@ -50,19 +87,38 @@ class DCPCheckpointing:
         return self._checkpoint_group
 
     def save_checkpoint(self, directory: Path) -> Optional[Any]:
-        """Model/optimizer/scheduler/scaler with DCP. With checkpoint.async_save the state is staged to CPU here
-        and written by a background thread: returns its Future (else None)."""
+        """Model/optimizer/scheduler/scaler with DCP. With checkpoint.async_save the state is copied to host
+        buffers and written by background threads: returns the Future of the write (else None)."""
         import torch.distributed.checkpoint as dcp
 
-        state = self._dcp_state()
-        if self.cfg.checkpoint.async_save:
-            return dcp.async_save(state, checkpoint_id=str(directory), process_group=self._async_group())
-        dcp.save(state, checkpoint_id=str(directory))
-        return None
+        if not self.cfg.checkpoint.async_save:
+            dcp.save(self._dcp_state(), checkpoint_id=str(directory))
+            return None
+        self.finish_staging()  # the Checkpointer finishes one save before the next; this keeps the buffers safe regardless
+        if self._stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager
+
+            self._stager = DefaultStager(self._staging_options())
+        response = dcp.async_save(self._async_state(), checkpoint_id=str(directory), process_group=self._async_group(), async_stager=self._stager)
+        self._staging = response.staging_completion
+        return response.upload_completion
+
+    def staged_bytes(self) -> int:
+        """Host memory an asynchronous save keeps for its copy: the size of this rank's state tensors."""
+        return _tensor_bytes(self._dcp_state())
+
+    def close_staging(self) -> None:
+        """Free the staging buffers (after the last save: an asynchronous one still writing is waited for)."""
+        self.finish_staging()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     def load_checkpoint(self, directory: Path, meta: dict) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        self.finish_staging()
 
         if not (Path(directory) / ".metadata").is_file():
             raise CheckpointError(
@@ -75,12 +131,28 @@ class DCPCheckpointing:
             dcp.load(state, storage_reader=_safe_reader(directory), planner=_safe_planner())
         except CheckpointError:
             raise
-        except _DCP_FAILURES as e:  # DCP raises a CheckpointException (a BaseException) wrapping per-rank tracebacks
+        except _dcp_failures() as e:  # DCP raises a CheckpointException (a BaseException) wrapping per-rank tracebacks
             raise CheckpointError(_dcp_failure(directory, e, "does not fit this model/optimizer")) from None
         set_state_dict(self.unwrapped_model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
+
+    def teardown(self) -> None:
+        self.close_staging()
+        super().teardown()  # type: ignore[misc]
+
+
+def _tensor_bytes(tree: Any) -> int:
+    """Bytes of the tensors in a nested state dict; a sharded DTensor counts this rank's shard."""
+    if isinstance(tree, torch.Tensor):
+        local = tree.to_local() if hasattr(tree, "to_local") else tree
+        return local.numel() * local.element_size()
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in tree)
+    return 0
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -189,12 +261,13 @@ def load_dcp_full(directory: Path) -> dict:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
             _load_state_dict(state, storage_reader=_safe_reader(directory), planner=_safe_planner(empty=True), no_dist=True)
-    except _DCP_FAILURES as e:  # DCP wraps per-rank failures (a missing shard file, a refused pickle) in one exception
+    except _dcp_failures() as e:  # DCP wraps per-rank failures (a missing shard file, a refused pickle) in one exception
         raise CheckpointError(_dcp_failure(directory, e, "cannot be read")) from None
     return state
 
 
 def _dcp_failures() -> tuple[type[BaseException], ...]:
+    """Evaluated in the `except` clause, once DCP is imported anyway (importing it here would cost every run)."""
     try:
         from torch.distributed.checkpoint.api import CheckpointException
     except ImportError:  # pragma: no cover
@@ -202,7 +275,6 @@ def _dcp_failures() -> tuple[type[BaseException], ...]:
     return (Exception, CheckpointException)
 
 
-_DCP_FAILURES = _dcp_failures()
 _DAMAGE = ("EOFError", "UnpicklingError", "PytorchStreamReader", "unexpected EOF", "invalid load key", "failed finding central directory")
 
 

@@ -66,6 +66,7 @@ class DDPStrategy(DCPCheckpointing, Strategy):
     def optimizer_step(self, compute_grad_norm: bool = True) -> StepResult:
         # After DDP's all-reduce every rank holds the same gradients, so every rank sees the same inf/nan
         # and the scaler skips the same steps everywhere.
+        self.finish_staging()  # an asynchronous save may still be copying the parameters this step writes
         return scaled_optimizer_step(self.optimizer, self.scaler, self._params, self.cfg.train.grad_clip, compute_grad_norm)
 
     def eval_forward(self, inputs: torch.Tensor) -> torch.Tensor:

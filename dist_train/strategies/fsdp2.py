@@ -97,6 +97,7 @@ class FSDP2Strategy(DCPCheckpointing, Strategy):
         scaled_backward(self.scaler, micro_batch_loss, self.arithmetic.grad_accum_steps)
 
     def optimizer_step(self, compute_grad_norm: bool = True) -> StepResult:
+        self.finish_staging()  # an asynchronous save may still be copying the parameters this step writes
         return scaled_optimizer_step(self.optimizer, self.scaler, self._params, self.cfg.train.grad_clip, compute_grad_norm)
 
     def local_parameters(self) -> list[torch.Tensor]:
@@ -105,6 +106,7 @@ class FSDP2Strategy(DCPCheckpointing, Strategy):
     def teardown(self) -> None:
         import torch.distributed as dist
 
+        super().teardown()
         if getattr(self, "_own_process_group", False) and dist.is_initialized():
             dist.destroy_process_group()
             self._own_process_group = False
