@@ -349,6 +349,11 @@ class Checkpointer:
             shutil.rmtree(replaced, ignore_errors=True)
         self._purge(index, keep=final.name)
 
+    @property
+    def writing(self) -> bool:
+        """An asynchronous save is still writing in the background."""
+        return self._pending is not None
+
     def poll(self) -> None:
         """Finalize an asynchronous save as soon as its writes are done, without blocking or a collective."""
         if self._pending is not None and self._pending.future.done():

@@ -439,7 +439,7 @@ class Trainer:
             raise OSError(storage.errno, storage.strerror or "No space left on device", storage.filename or str(self.checkpointer.directory)) from None
         self.save_seconds = time.perf_counter() - started
         self.watchdog.last_checkpoint_step = self.progress.optimizer_step
-        how = "writing in the background" if self.cfg.checkpoint.async_save and self.strategy.name == "ddp" else "saved"
+        how = "writing in the background" if self.checkpointer.writing else "saved"
         self.console.print(f"checkpoint: {how} {path} ({self.save_seconds:.1f}s)")
 
     def _log(self, window: StepWindow, bar: Any) -> tuple[bool, bool]:
