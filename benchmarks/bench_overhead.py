@@ -192,7 +192,9 @@ def run_accelerate(model_name: str, clock: Clock) -> int:
     from torch.nn import functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
-    accelerator = Accelerator()
+    # On a machine without GPUs Accelerate runs multi-process only when told it is on CPU (what
+    # `accelerate launch --cpu` sets); otherwise every process would train alone.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     X, y = digits_28x28()
     torch.manual_seed(0)
     model = tutorial_model(model_name)
