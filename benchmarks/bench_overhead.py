@@ -26,15 +26,18 @@ DDP, its own DDP wrapper), and both step times are compared over the same second
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import pty
 import random
 import resource
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -318,6 +321,8 @@ def run_contender(args: argparse.Namespace) -> None:
 def on_pty(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
     """Run cmd with stdin/stdout/stderr on a pseudo-terminal (tqdm draws as for a user); return (status, output)."""
     master, slave = pty.openpty()
+    # A new terminal is 0x0, where tqdm draws nothing: give it a user's 40 x 160.
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
     proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=REPO, start_new_session=True)
     os.close(slave)
     chunks = []
