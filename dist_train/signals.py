@@ -154,10 +154,12 @@ class StopAgreement:
     the previous such boundary, which has long finished (DDP keeps ranks within one step of each other).
     Every rank reads the same result at the same boundary, so all stop at the same step. `every` follows the
     step time (`pace`, told at log steps with a value every rank shares), so the flag crosses the network
-    about every `poll_seconds` however short the steps are: one tiny collective per ~0.1 s, overlapped with
-    compute, and a stop honoured within about twice that."""
+    about every `poll_seconds` however short the steps are: one tiny collective per half second, overlapped
+    with compute, and a stop honoured within about a second, well inside any preemption grace period.
+    (Measured on 2 gloo ranks with 1 thread each: a call costs 0.02-0.5 ms of the loop's time, which every
+    step paid when it polled every step.)"""
 
-    def __init__(self, dist_env: DistEnv, poll_seconds: float = 0.1, max_every: int = 1000) -> None:
+    def __init__(self, dist_env: DistEnv, poll_seconds: float = 0.5, max_every: int = 1000) -> None:
         import torch
         import torch.distributed as dist
 
