@@ -162,7 +162,7 @@ def run_limit(model_name: str, clock: Clock) -> int:
     return BATCH * world
 
 
-def _tutorial_loader(X: Any, y: Any, rank: int, world: int) -> Any:
+def tutorial_loader(X: Any, y: Any, rank: int, world: int) -> Any:
     from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
     dataset = TensorDataset(X, y)
@@ -176,7 +176,7 @@ def run_tutorial(model_name: str, clock: Clock) -> int:
     rank, world = process_group()
     X, y = digits_28x28()
     model, optimizer = hand_setup(model_name, world)
-    dataloader = _tutorial_loader(X, y, rank, world)
+    dataloader = tutorial_loader(X, y, rank, world)
     model.train()
     for epoch in range(EPOCHS[model_name] * world):
         if world > 1:
@@ -281,7 +281,8 @@ def run_dist_train(model_name: str, clock: Clock, progress_bar: bool = True, cal
         paused.append(spent)
 
     Trainer._optimizer_step = timed_step  # type: ignore[method-assign]
-    status = cli.main(dist_train_args(model_name, world, out, progress_bar))
+    extra = os.environ.get("BENCH_DIST_TRAIN_OVERRIDES", "").split()  # for experiments: e.g. strategy.hang_timeout_seconds=0
+    status = cli.main(dist_train_args(model_name, world, out, progress_bar) + extra)
     if status != 0:
         raise SystemExit(f"dist-train exited {status}")
     if calibrate:
@@ -423,10 +424,11 @@ def main() -> None:
                     order = random.Random(r).sample(contenders, len(contenders))
                     rounds.append({name: run_once(name, model, procs, work, args.timeout) for name in order})
                     print(f"  {model} x{procs} round {r + 1}/{n_rounds}: " + "  ".join(f"{n} {rounds[-1][n]['samples_per_s']:.0f}" for n in contenders), flush=True)
-                table = summarise([{n: rd[n] for n in contenders} for rd in rounds])
+                table = summarise([{n: rd[n] for n in contenders} for rd in rounds]) if rounds else {}
                 calibrations = [run_once("calibrate", model, procs, work, args.timeout)["calibration"] for _ in range(args.calibrations)]
                 title = f"{model.upper()}, {procs} process{'es (DDP, gloo, 1 thread each)' if procs > 1 else ' (2 threads)'}"
-                print_table(title, table, n_rounds)
+                if table:
+                    print_table(title, table, n_rounds)
                 for c in calibrations:
                     extra = (c["dist_train_ms"]["mean"] - c["limit_ms"]["mean"]) * 1e3
                     print(

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["bench_trainer.py", "bench_loader.py", "bench_checkpoint.py", "bench_memory.py"]
+SCRIPTS = ["bench_overhead.py", "bench_step_parts.py", "bench_dataloader_ddp.py", "bench_loader.py", "bench_checkpoint.py", "bench_memory.py"]
 
 
 def main() -> int:
