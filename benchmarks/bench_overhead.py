@@ -17,8 +17,9 @@ slower in, extra ms per step over the compute limit, start-up (process start to 
 optimizer step) and peak RSS.
 
 Whole-process timings swing here, so `calibrate` also measures in-process: inside one dist_train run,
-every 10th step is followed by a block of 5 compute-limit steps (its own model copy, optimizer and, under
-DDP, its own DDP wrapper), and both step times are compared over the same seconds.
+every 10th step is followed by a block of 5 compute-limit steps (the hand-written step over pre-built
+batches, on dist_train's own model, optimizer and DDP wrapper), and both step times are compared over the
+same seconds.
 
   python benchmarks/bench_overhead.py [--rounds 8] [--ddp-rounds 6] [--models cnn mlp] [--procs 1 2]
 """
@@ -232,25 +233,18 @@ def dist_train_args(model_name: str, world: int, out: str, progress_bar: bool) -
 
 
 class Calibration:
-    """Blocks of compute-limit steps between dist_train's steps, in the same process and the same seconds."""
+    """Blocks of compute-limit steps between dist_train's steps, in the same process and the same seconds,
+    on dist_train's own model and optimizer (its DDP wrapper under DDP): the hand-written step over pre-built
+    batches. The same model matters: a second copy trained along another path ran up to 1 ms/step apart on
+    the CNN here, in either direction, which swamped what the loop itself costs."""
 
-    def __init__(self, model_name: str, world: int, rank: int) -> None:
+    def __init__(self, trainer: Any) -> None:
         X, y = digits_28x28()
-        self.batches = prebuilt_batches(X, y, rank, world, 2)
-        self.model_name, self.world = model_name, world
-        self.model: Any = None
-        self.optimizer: Any = None
-        self.block_seconds: list[float] = []  # per dist_train step: compute-limit time spent after it
+        self.batches = prebuilt_batches(X, y, trainer.dist_env.global_rank, trainer.dist_env.world_size, 2)
+        self.model, self.optimizer = trainer.strategy.model, trainer.strategy.optimizer
         self.limit_steps: list[float] = []
 
     def block(self) -> float:
-        import torch
-
-        if self.model is None:  # every rank builds its DDP wrapper at the same step (a collective)
-            rng = torch.get_rng_state()
-            self.model, self.optimizer = hand_setup(self.model_name, self.world)
-            self.model.train()
-            torch.set_rng_state(rng)  # dist_train's own draws stay as they were
         start = time.perf_counter()
         for _ in range(CALIBRATE_BLOCK):
             X, y = self.batches[len(self.limit_steps) % len(self.batches)]
@@ -270,13 +264,17 @@ def run_dist_train(model_name: str, clock: Clock, progress_bar: bool = True, cal
     calibration: list[Any] = [None]
     paused: list[float] = []  # per step: calibration time that followed it
 
+    inside: list[float] = []  # per step: time inside Trainer._optimizer_step (the rest is the loop between steps)
+
     def timed_step(self: Trainer, *args: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
         optimizer_step(self, *args, **kwargs)
         clock.step_done()
+        inside.append(clock.stamps[-1] - start)
         spent = 0.0
         if calibrate and len(clock.stamps) % CALIBRATE_EVERY == 0:
             if calibration[0] is None:
-                calibration[0] = Calibration(model_name, world, self.dist_env.global_rank)
+                calibration[0] = Calibration(self)
             spent = calibration[0].block()
         paused.append(spent)
 
@@ -292,6 +290,9 @@ def run_dist_train(model_name: str, clock: Clock, progress_bar: bool = True, cal
         ours, limit = steps[warm:], calibration[0].limit_steps[CALIBRATE_BLOCK:]
         clock.extra["calibration"] = {
             "dist_train_ms": {"median": statistics.median(ours) * 1e3, "mean": statistics.fmean(ours) * 1e3},
+            # The same steps split: inside the optimizer step (forward, backward, optimizer, bookkeeping) and
+            # between steps (the loader's fetch, bar, log lines, stop and checkpoint checks).
+            "dist_train_inside_step_ms": {"median": statistics.median(inside[warm + 1:]) * 1e3, "mean": statistics.fmean(inside[warm + 1:]) * 1e3},
             "limit_ms": {"median": statistics.median(limit) * 1e3, "mean": statistics.fmean(limit) * 1e3},
             "dist_train_steps": len(ours),
             "dist_train_step_ms": [round(t * 1e3, 4) for t in steps],  # every step after the first, warm-up included
@@ -432,7 +433,8 @@ def main() -> None:
                 for c in calibrations:
                     extra = (c["dist_train_ms"]["mean"] - c["limit_ms"]["mean"]) * 1e3
                     print(
-                        f"  in-process: dist_train {c['dist_train_ms']['median']:.3f} ms/step median ({c['dist_train_ms']['mean']:.3f} mean) vs "
+                        f"  in-process: dist_train {c['dist_train_ms']['median']:.3f} ms/step median ({c['dist_train_ms']['mean']:.3f} mean; "
+                        f"inside the optimizer step {c['dist_train_inside_step_ms']['median']:.3f} / {c['dist_train_inside_step_ms']['mean']:.3f}) vs "
                         f"compute limit {c['limit_ms']['median']:.3f} ({c['limit_ms']['mean']:.3f}): {extra:+.0f} us/step by the means"
                     )
                 report["cases"].append({"model": model, "procs": procs, "rounds": rounds, "table": table, "calibration": calibrations})

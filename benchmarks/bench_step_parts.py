@@ -1,11 +1,11 @@
 """What each piece of dist_train's per-step work costs, in microseconds, on the real objects of a run.
 
-Builds the trainer of a 1-process CNN run (the overhead benchmark's configuration) and times every piece
+Builds the trainer of a 1-process CNN (or MLP) run (the overhead benchmark's configuration) and times every piece
 that the loop runs per optimizer step besides the model's forward, the loss, backward and the optimizer's
 own step (which the bare loop runs too), each in a tight loop, best median of several repeats, minus the
 cost of an empty loop. A log step's extra work is timed separately: it runs once per train.log_interval.
 
-  python benchmarks/bench_step_parts.py [--repeat 7] [--number 2000]
+  python benchmarks/bench_step_parts.py [--model cnn|mlp] [--repeat 7] [--number 2000]
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ def timed(fn: Callable[[], Any], number: int, repeat: int) -> float:
     return statistics.median(runs)
 
 
-def build_trainer(out: str) -> Any:
+def build_trainer(out: str, model: str = "cnn") -> Any:
     from dist_train.config import load_config
     from dist_train.env import DistEnv
     from dist_train.trainer import Trainer
 
-    cfg = load_config(REPO / "configs" / "cnn_digits.yaml", [
+    cfg = load_config(REPO / "configs" / f"{model}_digits.yaml", [
         "data.source=digits", "optim.name=adam", "optim.lr=0.001", "optim.schedule=constant",
         "train.global_batch_size=64", "train.micro_batch_size=64", f"output_dir={out}",
     ])
@@ -139,6 +139,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--number", type=int, default=2000)
+    parser.add_argument("--model", choices=["cnn", "mlp"], default="cnn")
     parser.add_argument("--out", default=str(RESULTS / "step_parts.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -146,7 +147,7 @@ def main() -> None:
     from dist_train.signals import StopAgreement
 
     with tempfile.TemporaryDirectory(prefix="bench_step_parts_") as out:
-        trainer = build_trainer(out)
+        trainer = build_trainer(out, args.model)
         trainer.stop_agreement = StopAgreement(trainer.dist_env)
         empty = timed(lambda: None, args.number, args.repeat)
         rows = {name: timed(fn, args.number, args.repeat) - empty for name, fn in parts(trainer).items()}
@@ -158,7 +159,7 @@ def main() -> None:
         trainer.close()
     total = sum(rows.values())
     log_total = sum(log_rows.values())
-    print(f"{'per-step piece (1 process, CPU)':<42}{'us':>8}")
+    print(f"{f'per-step piece ({args.model.upper()}, 1 process, CPU)':<42}{'us':>8}")
     for name, us in rows.items():
         print(f"{name:<42}{us:>8.2f}")
     print(f"{'total, every step':<42}{total:>8.2f}")
@@ -168,7 +169,7 @@ def main() -> None:
     print(f"{f'per step at train.log_interval={interval}':<42}{total + log_total / interval:>8.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "step_parts", "torch": torch.__version__, "us_every_step": rows, "us_log_step": log_rows, "log_interval": interval, "us_per_step": total + log_total / interval}, indent=2))
+    out.write_text(json.dumps({"benchmark": "step_parts", "torch": torch.__version__, "us_every_step": rows, "us_log_step": log_rows, "log_interval": interval, "us_per_step": total + log_total / interval, "model": args.model}, indent=2))
     print(f"wrote {out}")
 
 
