@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import pytest
 import torch
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -19,7 +20,7 @@ from dist_train.config import load_config
 from dist_train.env import DistEnv
 from dist_train.models.tutorial import CNN
 from dist_train.trainer import Trainer
-from tests.procs import REPO
+from tests.procs import REPO, worker
 
 # The loader's share of a step: the rank's slice of the epoch order, the micro-batch's slice of that, and one
 # row gather each for the inputs and the targets. And the loss kept for the log line, detached (a view: no
@@ -83,3 +84,12 @@ def test_an_ordinary_step_does_the_bare_loops_tensor_work_and_nothing_else(tmp_p
     # and its buffer copy, a device copy of the batch or the global norm on non-log steps all show here.
     assert {op: n / 4 for op, n in extra.items()} == {op: float(n) for op, n in EXPECTED_EXTRA.items()}
     assert not missing, f"the run skipped part of the bare step: {dict(missing)}"
+
+
+@pytest.mark.slow
+def test_the_stop_agreement_crosses_the_network_at_its_pace_and_every_rank_stops_at_the_same_boundary():
+    # Polling every step cost up to 0.4 ms/step under DDP here; paced to ~0.5 s, a request made at boundary 3
+    # on rank 1 travels with the poll at boundary 50 and is read by both ranks at boundary 100.
+    result = worker("stop_agreement_pace.py", nproc=2, timeout=120)
+    assert "rank 0: every=50 agreed_at=[100, 100]" in result.stdout
+    assert "rank 1: every=50 agreed_at=[100, 100]" in result.stdout
