@@ -96,7 +96,7 @@ def parts(trainer: Any) -> dict[str, Callable[[], Any]]:
         "time.perf_counter() x5": lambda: (time.perf_counter(), time.perf_counter(), time.perf_counter(), time.perf_counter(), time.perf_counter()),
         "watchdog.mark x3": lambda: (trainer.watchdog.mark(1, "data"), trainer.watchdog.mark(1, "forward/backward"), trainer.watchdog.mark(1, "optimizer")),
         "sample weight": trainer._sample_weight,
-        "to_device + model_input": lambda: model_input(to_device(batch, strategy.device) if trainer._moves_batches else batch),
+        "to_device + model_input": lambda: model_input(to_device(batch, strategy.device)),
         "micro-batch RNG seed": lambda: trainer._seed_micro_batch(0),
         "no-sync + autocast contexts": contexts,
         "strategy.backward over loss.backward": backward_overhead,

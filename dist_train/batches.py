@@ -22,6 +22,8 @@ LossFn = Callable[[Any, Batch], torch.Tensor]
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":  # loaders yield CPU tensors: nothing to move, and no per-tensor call every step
+        return batch
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):

@@ -122,7 +122,6 @@ class Trainer:
         self.console = console
         self.custom_loss = loss  # the model's own loss(outputs, batch); None: the tutorial loss for spec.task
         self.progress = TrainProgress()
-        self._moves_batches = strategy.device.type != "cpu"  # loaders yield CPU tensors: nothing to move on CPU
         self.rng = RNGState(strategy.device)
         self.stop_requested = False  # set from a signal handler; acted on at a step boundary by all ranks
         self.skips = SkipCounter(strategy.device) if cfg.train.precision == "fp16" else None
@@ -330,8 +329,7 @@ class Trainer:
         first_micro_batch = self.dist_env.global_rank * len(step_batches)
         self.watchdog.mark(self.progress.optimizer_step + 1, "forward/backward")
         for i, batch in enumerate(step_batches):
-            if self._moves_batches:
-                batch = to_device(batch, device)
+            batch = to_device(batch, device)
             self._seed_micro_batch(first_micro_batch + i)
             with strategy.accumulation_context(i == last):
                 forward_start = time.perf_counter()
