@@ -15,6 +15,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from typing import Optional, Sequence
 
 from .config import ConfigError, describe_keys
@@ -94,10 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _dispatch(args)
     except ConfigError as e:
-        # Every process reads the same config and raises the same error: the main process says it once.
-        if _is_main_process():
-            print(f"dist-train: config error: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG_ERROR
+        return _said_once("config error", str(e), EXIT_CONFIG_ERROR)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # user-facing errors carry their own clear message (DCP's CheckpointException is a BaseException)
@@ -105,14 +103,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if classified is None:
             raise
         kind, message, code = classified
-        if kind in ("config error", "launch error"):  # the same on every process: the main process says it once
-            if _is_main_process():
-                print(f"dist-train: {kind}: {message}", file=sys.stderr, flush=True)
-            return code
+        if kind in ("config error", "launch error"):
+            return _said_once(kind, message, code)
         # Data, checkpoint and storage errors may be one rank's own: every rank that has one says so.
         rank = _global_rank()
         print(f"dist-train: {kind}{f' (rank {rank})' if rank else ''}: {message}", file=sys.stderr, flush=True)
         return code
+
+
+# How long the other processes wait before exiting with an error only the main process prints: a launcher
+# (torchrun, srun) stops every process once one exits non-zero, and a loaded machine can bring the main
+# process to the same error a moment later than the rest (seen in CI: its line was lost).
+SAY_ONCE_GRACE_SECONDS = 5.0
+
+
+def _said_once(kind: str, message: str, code: int) -> int:
+    """An error every process meets alike (config, launch): the main process says it in one line."""
+    if _is_main_process():
+        print(f"dist-train: {kind}: {message}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(SAY_ONCE_GRACE_SECONDS)
+    return code
 
 
 def console_main() -> None:

@@ -8,6 +8,7 @@ uninterrupted one, which is also the straggler run (rank 1 sleeps longer; the ar
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.procs import assert_same_parameters, dist_train, final_model, run
+from tests.procs import REPO, assert_same_parameters, dist_train, final_model, run
 from tests.test_launch import _wait, _wait_until, start  # noqa: F401 (start is a fixture)
 from tests.workers.paced_model import TOTAL_STEPS
 from tests.workers.paced_model import TRAIN_ARGS as PACED
@@ -272,3 +273,15 @@ def test_an_output_dir_that_is_a_file_and_a_model_that_does_not_fit_are_one_line
     misfit = ["model.name=torch.nn:Linear", "model.kwargs={in_features: 3, out_features: 1}", "model.task=regression", "model.input_shape=[1]"]
     line = _one_error_line(dist_train(["train", *SHORT, *misfit, f"output_dir={tmp_path / 'out'}"], timeout=120, check=False), 2)
     assert "model.name=torch.nn:Linear does not fit the data" in line and "mat1 and mat2 shapes cannot be multiplied" in line, line
+
+
+
+@pytest.mark.slow
+def test_a_config_error_the_main_process_meets_last_is_still_said(tmp_path):
+    # Rank 1 meets the same bad key two seconds before rank 0; had it exited at once, torchrun would have
+    # stopped rank 0 (no signal handler is installed that early) before it said anything: seen in CI.
+    slow_rank0 = {"PYTHONPATH": f"{REPO / 'tests' / 'slow_rank0'}{os.pathsep}{REPO}"}
+    result = dist_train(["train", *SHORT, "train.no_such_key=1", f"output_dir={tmp_path}"], nproc=2, timeout=120, env=slow_rank0, check=False)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("dist-train: config error")]
+    assert len(lines) == 1 and "train.no_such_key" in lines[0], result.stderr[-3000:]
