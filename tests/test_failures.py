@@ -25,8 +25,9 @@ from tests.workers.paced_model import TOTAL_STEPS
 from tests.workers.paced_model import TRAIN_ARGS as PACED
 
 LAUNCH = [sys.executable, "-m", "dist_train", "launch", "--nproc-per-node", "2"]
-# Rank 1 is 4x slower in its forward than rank 0: a straggler; the numbers are the paced run's.
-STRAGGLER = [*PACED, "model.kwargs={delay_seconds: 0.02, slow_rank: 1, slow_delay_seconds: 0.08}"]
+# Rank 1 is 12x slower in its forward than rank 0: a straggler; the numbers are the paced run's. Its forward is
+# most of its step (0.25 s asleep), so the stack it last published before it is stopped is in that forward.
+STRAGGLER = [*PACED, "model.kwargs={delay_seconds: 0.02, slow_rank: 1, slow_delay_seconds: 0.25}"]
 HANG_TIMEOUT = 4.0
 EXIT_RETRY = 75  # dist_train.errors.EXIT_RETRY, spelled out: a script watching exit codes sees this number
 
