@@ -45,19 +45,20 @@ def measure(directory: Path, repeats: int) -> dict:
 
     from dist_train.checkpoint import Checkpointer
     from dist_train.config import batch_arithmetic, load_config
-    from dist_train.env import backend_for, destroy_process_group, detect_environment, init_process_group
+    from dist_train.distributed.environment import detect_environment
+    from dist_train.distributed.groups import GroupNeeds, ProcessGroups
     from dist_train.models import build_model
     from dist_train.optim import build_optimizer, build_scheduler
     from dist_train.strategies import build_strategy
 
     dist_env = detect_environment()
-    init_process_group(dist_env, backend_for(dist_env, None), 600)
+    groups = ProcessGroups.start(dist_env, GroupNeeds(alone=True, background_checkpoint=True), 600)
     try:
         results: dict = {"world_size": dist_env.world_size, "device": str(dist_env.torch_device)}
         for mode in ("sync", "async"):
             cfg = load_config(None, ["model.name=resnet18", f"output_dir={directory / mode}", f"checkpoint.async_save={'true' if mode == 'async' else 'false'}",
                                      f"checkpoint.keep_latest={repeats + 1}", "optim.name=adam", f"train.global_batch_size={2 * dist_env.world_size}", "train.micro_batch_size=2"])
-            strategy = build_strategy(cfg, dist_env, batch_arithmetic(cfg.train, dist_env.world_size))
+            strategy = build_strategy(cfg, groups, batch_arithmetic(cfg.train, dist_env.world_size))
             torch.manual_seed(0)
             strategy.setup_module(build_model(cfg.model))
             optimizer = build_optimizer(cfg.optim, strategy.unwrapped_model)
@@ -108,7 +109,7 @@ def measure(directory: Path, repeats: int) -> dict:
             strategy.teardown()
         return results
     finally:
-        destroy_process_group()
+        groups.teardown()
 
 
 def run_worker(args: argparse.Namespace) -> None:

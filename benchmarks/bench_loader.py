@@ -37,7 +37,8 @@ from dist_train.data.loader import build_map_style
 from dist_train.data.shards import MANIFEST, Manifest, write_split
 from dist_train.data.sources import Split
 from dist_train.data.streaming import build_streaming
-from dist_train.env import DistEnv
+from dist_train.distributed.groups import ProcessGroups
+from dist_train.distributed.environment import DistEnv
 from dist_train.models import build_model, model_spec
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -197,15 +198,15 @@ def two_rank_rounds(args, root: Path) -> list[list[dict]]:
 def rank_job(args) -> None:
     import torch.distributed as dist
 
-    from dist_train.env import detect_environment
+    from dist_train.distributed.environment import detect_environment
 
     dist_env = detect_environment()
-    dist.init_process_group("gloo")
+    groups = ProcessGroups.start(dist_env)
     root = Path(args.dir)
     train, test = make_split(args.samples, "train"), make_split(1000, "test")
     rows = rank_rounds(root / "shards", train, test, args.micro_batch, args.repeats, dist_env, barrier=dist.barrier)
     Path(args.rank_job, f"rank-{dist_env.global_rank}.json").write_text(json.dumps(rows))
-    dist.destroy_process_group()
+    groups.teardown()
 
 
 def _free_port() -> int:

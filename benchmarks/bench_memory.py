@@ -76,8 +76,9 @@ def measure(strategy: str, steps: int, out: Path) -> dict:
     import torch._inductor.compile_fx  # noqa: F401
 
     from dist_train.config import load_config
-    from dist_train.env import backend_for, destroy_process_group, detect_environment, init_process_group
-    from dist_train.tracking import Tracker
+    from dist_train.distributed.environment import detect_environment
+    from dist_train.distributed.groups import GroupNeeds, ProcessGroups
+    from dist_train.observe.tracking import Tracker
     from dist_train.trainer import Trainer
 
     class StepRates(Tracker):
@@ -89,7 +90,7 @@ def measure(strategy: str, steps: int, out: Path) -> dict:
                 self.rates.append(metrics["train/samples_per_second"])
 
     dist_env = detect_environment()
-    init_process_group(dist_env, backend_for(dist_env, None), 600)
+    groups = ProcessGroups.start(dist_env, GroupNeeds(alone=True, background_checkpoint=True), 600)
     overrides = [
         "model.name=resnet18", "model.image_size=32", "data.source=digits", "optim.name=adam", "optim.lr=0.001",
         "train.global_batch_size=32", "train.micro_batch_size=8", f"train.max_steps={steps}", "train.log_interval=1",
@@ -98,12 +99,12 @@ def measure(strategy: str, steps: int, out: Path) -> dict:
     if strategy in ("ddp", "fsdp2"):
         overrides += [f"strategy.name={strategy}"]
     else:
-        overrides += ["strategy.name=deepspeed", f"strategy.zero_stage={strategy}"]
+        overrides += ["strategy.name=deepspeed", f"strategy.deepspeed.zero_stage={strategy}"]
     try:
         baseline = _rss_mb()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        trainer = Trainer.build(load_config(None, overrides), dist_env)
+        trainer = Trainer.build(load_config(None, overrides), groups)
         trainer.tracker = rates = StepRates()
         try:
             trainer.fit()
@@ -123,7 +124,7 @@ def measure(strategy: str, steps: int, out: Path) -> dict:
         if torch.cuda.is_available():
             result["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / MB
     finally:
-        destroy_process_group()
+        groups.teardown()
     (out / f"{strategy}.rank{dist_env.global_rank}.json").write_text(json.dumps(result))
     return result
 

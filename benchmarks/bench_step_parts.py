@@ -38,14 +38,15 @@ def timed(fn: Callable[[], Any], number: int, repeat: int) -> float:
 
 def build_trainer(out: str, model: str = "cnn") -> Any:
     from dist_train.config import load_config
-    from dist_train.env import DistEnv
+    from dist_train.distributed.environment import DistEnv
+    from dist_train.distributed.groups import ProcessGroups
     from dist_train.trainer import Trainer
 
     cfg = load_config(REPO / "configs" / f"{model}_digits.yaml", [
         "data.source=digits", "optim.name=adam", "optim.lr=0.001", "optim.schedule=constant",
         "train.global_batch_size=64", "train.micro_batch_size=64", f"output_dir={out}",
     ])
-    return Trainer.build(cfg, DistEnv())
+    return Trainer.build(cfg, ProcessGroups.start(DistEnv()))
 
 
 def parts(trainer: Any) -> dict[str, Callable[[], Any]]:
@@ -144,11 +145,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from dist_train.signals import StopAgreement
+    from dist_train.supervise.signals import StopAgreement
 
     with tempfile.TemporaryDirectory(prefix="bench_step_parts_") as out:
         trainer = build_trainer(out, args.model)
-        trainer.stop_agreement = StopAgreement(trainer.dist_env)
+        trainer.stop_agreement = StopAgreement(trainer.groups.control)
         empty = timed(lambda: None, args.number, args.repeat)
         rows = {name: timed(fn, args.number, args.repeat) - empty for name, fn in parts(trainer).items()}
         bare = rows.pop("(a bare backward, subtracted above)")

@@ -194,11 +194,12 @@ PRESETS = {"cnn": "cnn_digits.yaml", "resnet18": "resnet18_digits.yaml"}
 
 def _dist_train_loop(model: str, plan: dict, warmup: int, steps: int, out: Path) -> dict:
     from dist_train.config import load_config
-    from dist_train.env import detect_environment
+    from dist_train.distributed.environment import detect_environment
+    from dist_train.run import start_process_groups
     from dist_train.trainer import Trainer
 
     cfg = load_config(REPO / "configs" / PRESETS[model], _throughput_config(model, plan, out, warmup + steps))
-    trainer = Trainer.build(cfg, detect_environment())
+    trainer = Trainer.build(cfg, start_process_groups(cfg, detect_environment()))
     trainer.console.enabled = False
     before, after, result = _timed_steps(trainer.strategy.device, warmup, steps)
     step = trainer._optimizer_step
@@ -227,7 +228,7 @@ def _hand_loop(model_name: str, plan: dict, warmup: int, steps: int, out: Path) 
     from dist_train.config import load_config
     from dist_train.data import load_source
     from dist_train.data.transforms import adapt_images
-    from dist_train.env import detect_environment
+    from dist_train.distributed.environment import detect_environment
     from dist_train.models import build_model, model_spec
     from dist_train.trainer import seed_everything
 
@@ -274,7 +275,7 @@ def _flops_per_step(model_name: str, plan: dict, out: Path) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from dist_train.config import load_config
-    from dist_train.env import detect_environment
+    from dist_train.distributed.environment import detect_environment
     from dist_train.models import build_model, model_spec
 
     cfg = load_config(REPO / "configs" / PRESETS[model_name], _throughput_config(model_name, plan, out, 1))
@@ -341,8 +342,9 @@ def section_data_wait(plan: dict, args: argparse.Namespace) -> dict:
 
     from dist_train.cli import main as cli_main
     from dist_train.config import load_config
-    from dist_train.env import detect_environment
-    from dist_train.tracking import Tracker
+    from dist_train.distributed.environment import detect_environment
+    from dist_train.observe.tracking import Tracker
+    from dist_train.run import start_process_groups
     from dist_train.trainer import Trainer
 
     if not (REPO / "data" / "digits" / "train").is_dir():
@@ -355,7 +357,7 @@ def section_data_wait(plan: dict, args: argparse.Namespace) -> dict:
                 f"data.source={source}", f"train.max_steps={2 * window}", f"train.log_interval={window}", "train.eval_interval=1000000",
                 "train.progress_bar=false", "checkpoint.save_at_end=false", f"output_dir={tmp}", "train.global_batch_size=64", "train.micro_batch_size=64",
             ])
-            trainer = Trainer.build(cfg, detect_environment())
+            trainer = Trainer.build(cfg, start_process_groups(cfg, detect_environment()))
             trainer.console.enabled = False
             logged: list[float] = []
 

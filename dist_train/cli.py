@@ -141,7 +141,7 @@ def console_main() -> None:
 
 
 def _global_rank() -> int:
-    from .env import detect_environment
+    from .distributed.environment import detect_environment
 
     try:
         return detect_environment().global_rank
@@ -163,7 +163,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return evaluate(*split_eval_args(args.args))
     if args.command == "plot":
-        from .plot import plot_command
+        from .observe.plot import plot_command
 
         return plot_command(args.runs, args.out)
     if args.command == "export":

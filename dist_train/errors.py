@@ -94,7 +94,7 @@ def user_facing_message(error: BaseException) -> Optional[str]:
 def classify(error: BaseException) -> Optional[tuple[str, str, int]]:
     """(kind, one line, exit code) for an error the user can act on; None for an unexpected one."""
     from .config import ConfigError
-    from .env import LaunchError
+    from .distributed.environment import LaunchError
 
     if isinstance(error, ConfigError):
         return "config error", str(error), EXIT_CONFIG_ERROR

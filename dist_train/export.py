@@ -20,7 +20,7 @@ from .files import atomic_write
 
 
 def export_checkpoint(checkpoint: str, out: str, tutorial_dict_path: Optional[str] = None) -> int:
-    from .runlog import filter_known_warnings
+    from .observe.runlog import filter_known_warnings
 
     filter_known_warnings()
     path = find_checkpoint(checkpoint, Path(checkpoint), key="checkpoint")

@@ -54,3 +54,19 @@ def fsync_dir(path: Union[str, Path]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(path: Union[str, Path]) -> None:
+    """fsync every file and folder under `path`: the files a library wrote without syncing them (DeepSpeed's
+    torch.save) are on disk before a COMPLETE marker vouches for them. Files already synced cost little."""
+    for folder, _, names in os.walk(path):
+        for name in names:
+            try:
+                fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            except OSError:
+                continue  # another rank's file that is being renamed; that rank syncs its own
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)

@@ -24,7 +24,7 @@ import shlex
 import sys
 
 from .config import batch_arithmetic, load_config
-from .env import LaunchError
+from .distributed.environment import LaunchError
 
 
 def torchrun_command(args: argparse.Namespace) -> list[str]:
@@ -55,7 +55,7 @@ def torchrun_command(args: argparse.Namespace) -> list[str]:
 
 def _describe(args: argparse.Namespace) -> tuple[list[str], str]:
     """Checks the config before any process starts; (the lines worth printing, the preemption signal's name)."""
-    from .signals import resolve_signal
+    from .supervise.signals import resolve_signal
 
     cfg = load_config(args.config, args.overrides)
     preemption_signal = resolve_signal(cfg.train.preemption_signal).name

@@ -1,6 +1,9 @@
-"""What `dist-train train` and `dist-train eval` do: config -> env -> trainer, torn down in `finally`.
+"""What `dist-train train` and `dist-train eval` do: config -> launch facts -> process groups -> trainer,
+torn down in `finally`.
 
 `train` is also the Python API's engine (`dist_train.api`): the CLI and a user's script run the same code.
+The process groups are made here once (`start_process_groups`, through distributed/groups.py) and torn down
+once at the end.
 """
 
 from __future__ import annotations
@@ -10,9 +13,12 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .config import Config, ConfigError, config_from_dict, explicit_keys, raw_config, validate
+from .config.accelerate import reconcile_launcher_settings
+from .distributed.environment import DistEnv, detect_environment
+from .distributed.groups import ProcessGroups
 from .files import atomic_write
-from .env import DistEnv, backend_for, destroy_process_group, detect_environment, init_process_group, reconcile_launcher_settings
-from .signals import finish_interrupted, resolve_signal, stop_on_signals
+from .supervise.signals import finish_interrupted, resolve_signal, stop_on_signals
+
 
 def resolve_raw(config: Any, overrides: Sequence[str]) -> dict:
     """A preset path, a dict of sections, or None (defaults), with `section.key=value` overrides on top."""
@@ -36,22 +42,30 @@ def _merge(base: dict, top: dict) -> dict:
     return base
 
 
-def _start(config: Any, overrides: Sequence[str], raw: Optional[dict] = None) -> tuple[Config, DistEnv, list[str]]:
-    """Config, launch facts and the lines to show about the config; the process group is up on return."""
+def start_process_groups(cfg: Config, dist_env: DistEnv) -> ProcessGroups:
+    """The process groups a run of `cfg` needs (what its strategy asks for), made once, on every rank."""
+    from .strategies import strategy_class
+
+    needs = strategy_class(cfg.strategy.name).group_needs(cfg)
+    return ProcessGroups.start(dist_env, needs, cfg.strategy.timeout_seconds)
+
+
+def _start(config: Any, overrides: Sequence[str], raw: Optional[dict] = None) -> tuple[Config, ProcessGroups, list[str]]:
+    """Config, process groups and the lines to show about the config; the groups are up on return."""
     raw = resolve_raw(config, overrides) if raw is None else raw
     cfg = config_from_dict(raw)
     resolve_signal(cfg.train.preemption_signal)
     dist_env = detect_environment()
     # accelerate launch exports its config's settings; explicit dist_train keys must agree with them.
-    lines = [f"dist-train: {line}" for line in reconcile_launcher_settings(cfg, dist_env, explicit_keys(raw))]
+    taken = reconcile_launcher_settings(cfg, dist_env.accelerate, dist_env.world_size, explicit_keys(raw))
+    lines = [f"dist-train: {line}" for line in taken]
     validate(cfg)
     if dist_env.restarted:
         lines.append(f"dist-train: restart {dist_env.restart_count} of this job ({dist_env.launcher}): continuing from the newest checkpoint of its run")
-    backend = backend_for(dist_env, cfg.strategy.backend)
-    init_process_group(dist_env, backend, cfg.strategy.timeout_seconds)
+    groups = start_process_groups(cfg, dist_env)
     if not dist_env.is_main:  # rank 0's line comes from the trainer; one per other rank shows the group as launched
         print(f"dist_train: {dist_env.describe()}", flush=True)
-    return cfg, dist_env, lines
+    return cfg, groups, lines
 
 
 def config_changes(config: Any, cfg: Config) -> list[str]:
@@ -84,12 +98,12 @@ class _StopRequest:
 def train(config: Any, overrides: Sequence[str] = (), parts: Any = None, result: Optional[dict] = None) -> int:
     """Exit status (errors.py: 0 done or a planned stop, 3 diverged, 130 stopped by a signal with a checkpoint);
     `result` receives the summary."""
-    from .guard import EXIT_DIVERGED, TrainingDiverged
-    from .lineage import RunDirectory
-    from .plot import write_run_plot
-    from .runlog import RunLog, filter_known_warnings
+    from .supervise.guard import EXIT_DIVERGED, TrainingDiverged
+    from .checkpoint.lineage import RunDirectory
+    from .observe.plot import write_run_plot
+    from .observe.runlog import RunLog, filter_known_warnings
     from .trainer import Trainer, TrainingInterrupted
-    from .watchdog import start_watchdog
+    from .supervise.watchdog import start_watchdog
 
     filter_known_warnings()
     run_log = RunLog()
@@ -97,16 +111,17 @@ def train(config: Any, overrides: Sequence[str] = (), parts: Any = None, result:
     run_dir = None
     watchdog = None
     stop_signals = None
-    dist_env: Optional[DistEnv] = None
+    groups: Optional[ProcessGroups] = None
     try:
-        cfg, dist_env, lines = _start(config, overrides)
+        cfg, groups, lines = _start(config, overrides)
+        dist_env = groups.dist_env
         # From here to the end: a signal during start-up becomes a stop at the first step boundary (with a
         # checkpoint), and one during the final save or tracker finish lets them complete instead of killing them.
         stop_signals = stop_on_signals(_StopRequest(), cfg.train.preemption_signal, announce=dist_env.is_main).__enter__()
         # A rank stuck anywhere from here on is named and the job exits to retry (watchdog.py).
-        watchdog = start_watchdog(cfg, dist_env)
+        watchdog = start_watchdog(cfg.strategy, cfg.output_dir, groups)
         # Before anything is written: lock output_dir and decide whose run this is (collective).
-        run_dir = RunDirectory.open(cfg, dist_env)
+        run_dir = RunDirectory.open(cfg, groups)
         run_log.attach(cfg.output_dir, dist_env)
         if dist_env.is_main:
             for line in lines:
@@ -115,7 +130,7 @@ def train(config: Any, overrides: Sequence[str] = (), parts: Any = None, result:
                 print(f"dist-train: {note}", flush=True)
             atomic_write(Path(cfg.output_dir) / "config.yaml", cfg.to_yaml())
         # Model, data, strategy and batch arithmetic are checked here, before the config is shown.
-        trainer = Trainer.build(cfg, dist_env, run_dir.info, parts)
+        trainer = Trainer.build(cfg, groups, run_dir.info, parts)
         trainer.stop_requested = stop_signals.target.stop_requested
         stop_signals.target = trainer
         if watchdog is not None:
@@ -128,6 +143,7 @@ def train(config: Any, overrides: Sequence[str] = (), parts: Any = None, result:
             for change in changes:
                 print(f"  {change}", flush=True)
         summary = trainer.fit()
+        _ended_together(watchdog)
         if result is not None:
             result.update(summary)
         if dist_env.is_main:
@@ -137,13 +153,15 @@ def train(config: Any, overrides: Sequence[str] = (), parts: Any = None, result:
             print(f"done: {summary['optimizer_steps']} optimizer steps, {final}; outputs in {cfg.output_dir}" + (f" (curves: {picture})" if picture else ""), flush=True)
         return 0
     except TrainingInterrupted as e:
+        _ended_together(watchdog)
         # Close the tracker before a Slurm requeue, which ends this job's processes.
         trainer.close()
         trainer = None
-        return finish_interrupted(e, dist_env, preempted=stop_signals.preempted, signalled=bool(stop_signals.received), timing=_stop_timing(stop_signals, e))
+        return finish_interrupted(e, groups.dist_env, preempted=stop_signals.preempted, signalled=bool(stop_signals.received), timing=_stop_timing(stop_signals, e))
     except TrainingDiverged as e:
+        _ended_together(watchdog)
         # Every rank raised it at the same step (the check is collective); a restart must not loop into it.
-        if dist_env.is_main:
+        if groups.dist_env.is_main:
             run_dir.record_divergence(e.step)
             print(f"dist-train: error: {e}", file=sys.stderr, flush=True)
         return EXIT_DIVERGED
@@ -158,11 +176,21 @@ def train(config: Any, overrides: Sequence[str] = (), parts: Any = None, result:
                 watchdog.stop()  # joined before the process group and the interpreter go down
             if run_dir is not None:
                 run_dir.close()
-            destroy_process_group()
+            if groups is not None:
+                groups.teardown()
         finally:
             run_log.close()
             if stop_signals is not None:
                 stop_signals.__exit__(None, None, None)
+
+
+def _ended_together(watchdog: Any) -> None:
+    """Every rank left fit() at the same point (done, an agreed stop, divergence): from here a peer that is
+    gone has finished, not failed. Rank 0 may exit first and, where it hosts the rendezvous store (Slurm,
+    mpirun, dist-train launch), take the store with it; this rank's watchdog must not call that a lost peer
+    and exit 75 after a successful run."""
+    if watchdog is not None:
+        watchdog.run_ended = True
 
 
 def _stop_timing(stop_signals: object, interrupted: BaseException) -> str:
@@ -196,7 +224,7 @@ def evaluate(config: Optional[str], overrides: Sequence[str]) -> int:
     import torch
 
     from .checkpoint import CheckpointError, find_checkpoint, read_meta
-    from .runlog import filter_known_warnings
+    from .observe.runlog import filter_known_warnings
     from .trainer import Trainer
 
     filter_known_warnings()
@@ -235,12 +263,13 @@ def evaluate(config: Optional[str], overrides: Sequence[str]) -> int:
     raw["tracking"] = {"wandb": {**raw["tracking"].get("wandb", {}), "enabled": False}, "tensorboard": {"enabled": False}}
     raw.setdefault("train", {})["resume"] = None
     raw["strategy"] = {k: v for k, v in (raw.get("strategy") or {}).items() if k in ("backend", "timeout_seconds")}
-    cfg, dist_env, lines = _start(None, (), raw=raw)
+    cfg, groups, lines = _start(None, (), raw=raw)
+    dist_env = groups.dist_env
     # Any world size: the train split is not trained on, but its loader must still divide.
     cfg.train.global_batch_size = cfg.train.micro_batch_size * dist_env.world_size
     trainer = None
     try:
-        trainer = Trainer.build(cfg, dist_env)
+        trainer = Trainer.build(cfg, groups)
         state = _full_weights(checkpoint_dir, target)
         model = trainer.strategy.unwrapped_model
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -261,7 +290,7 @@ def evaluate(config: Optional[str], overrides: Sequence[str]) -> int:
     finally:
         if trainer is not None:
             trainer.close()
-        destroy_process_group()
+        groups.teardown()
 
 
 def _full_weights(checkpoint_dir: Optional[Path], weights_file: Path) -> dict:

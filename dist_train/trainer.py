@@ -1,6 +1,6 @@
 """The training loop: micro-steps inside optimizer steps, evaluation, logging, checkpoints.
 
-`Trainer.build(cfg, dist_env)` assembles the pieces (seeded model, optimizer, schedule, data, strategy,
+`Trainer.build(cfg, groups)` assembles the pieces (seeded model, optimizer, schedule, data, strategy,
 checkpointer, tracker); the constructor only assigns them. `fit()` runs the loop, which is the same code
 for every strategy.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -23,18 +23,18 @@ from .checkpoint import Checkpointer
 from .config import BatchArithmetic, Config, ConfigError, batch_arithmetic
 from .data import DataBundle, build_data
 from .determinism import use_deterministic_algorithms
-from .env import DistEnv
+from .distributed.groups import ProcessGroups
 from .errors import storage_error
 from .files import atomic_write
-from .guard import SkipCounter, StepWindow, TrainingDiverged, divergence_message, parameters_finite
-from .lineage import RunInfo
+from .supervise.guard import SkipCounter, StepWindow, TrainingDiverged, divergence_message, parameters_finite
+from .checkpoint.lineage import RunInfo
 from .models import ModelSpec, build_model, model_spec
 from .optim import apply_hyperparameters, build_optimizer, build_scheduler
 from .strategies import Strategy, build_strategy
-from .runlog import model_summary
-from .tracking import ConsoleLog, Tracker, build_tracker
+from .observe.runlog import model_summary
+from .observe.tracking import ConsoleLog, Tracker, build_tracker
 from .user import UserParts
-from .watchdog import NullWatchdog, Watchdog
+from .supervise.watchdog import NullWatchdog, Watchdog
 
 
 class TrainingInterrupted(RuntimeError):
@@ -101,7 +101,7 @@ class Trainer:
     def __init__(
         self,
         cfg: Config,
-        dist_env: DistEnv,
+        groups: ProcessGroups,
         arithmetic: BatchArithmetic,
         spec: ModelSpec,
         data: DataBundle,
@@ -112,7 +112,8 @@ class Trainer:
         loss: Optional[Any] = None,
     ) -> None:
         self.cfg = cfg
-        self.dist_env = dist_env
+        self.groups = groups
+        self.dist_env = groups.dist_env
         self.arithmetic = arithmetic
         self.spec = spec
         self.data = data
@@ -137,15 +138,16 @@ class Trainer:
     # ------------------------------------------------------------ assembly
 
     @classmethod
-    def build(cls, cfg: Config, dist_env: DistEnv, run: Optional[RunInfo] = None, parts: Optional[UserParts] = None) -> "Trainer":
+    def build(cls, cfg: Config, groups: ProcessGroups, run: Optional[RunInfo] = None, parts: Optional[UserParts] = None) -> "Trainer":
         """`run`: the identity and resume plan `RunDirectory.open` decided (None: detached, see RunInfo).
         `parts`: a user's own model, datasets and metrics (the Python API) in place of the config's."""
         parts = parts or UserParts()
+        dist_env = groups.dist_env
         console = ConsoleLog(dist_env, cfg.train.progress_bar)
         arithmetic = batch_arithmetic(cfg.train, dist_env.world_size)
         spec = parts.model_spec(cfg.model) if parts.model is not None else model_spec(cfg.model)
-        strategy = build_strategy(cfg, dist_env, arithmetic)
-        data = parts.data(cfg, arithmetic, dist_env) if parts.train_dataset is not None else build_data(cfg, spec, arithmetic, dist_env)
+        strategy = build_strategy(cfg, groups, arithmetic)
+        data = parts.data(cfg, arithmetic, dist_env) if parts.train_dataset is not None else build_data(cfg, spec, arithmetic, dist_env, groups.control)
         if cfg.train.deterministic:
             note = use_deterministic_algorithms(dist_env.torch_device)
             if note:
@@ -165,7 +167,7 @@ class Trainer:
         seed_everything(cfg.train.seed + dist_env.global_rank)
         checkpointer = Checkpointer(cfg, dist_env, strategy, run)
         tracker = build_tracker(cfg, dist_env)
-        trainer = cls(cfg, dist_env, arithmetic, spec, data, strategy, checkpointer, tracker, console, loss)
+        trainer = cls(cfg, groups, arithmetic, spec, data, strategy, checkpointer, tracker, console, loss)
         trainer.model_summary = summary
         trainer.metrics = dict(parts.metrics)
         return trainer
@@ -182,101 +184,119 @@ class Trainer:
     # ------------------------------------------------------------ the loop
 
     def fit(self) -> dict:
-        cfg, console = self.cfg, self.console
-        train_loader = self.data.train
-        steps_per_epoch = train_loader.steps_per_epoch
-        total_steps = planned_total_steps(cfg, steps_per_epoch)
+        """Train to the planned step (or a stop); returns the summary. Every rank runs it in lockstep."""
+        total_steps = planned_total_steps(self.cfg, self.data.train.steps_per_epoch)
+        self._announce(total_steps)
+        from .supervise.signals import StopAgreement
+
+        self.stop_agreement = StopAgreement(self.groups.control)
+        self._resume()
+        rng_state = self.rng.state_dict()
+        self.tracker.start(self.cfg, self.progress.optimizer_step)
+        # A tracker may draw random numbers at start (W&B does for ids); a resumed run must continue from
+        # exactly the restored state, as the straight run did.
+        self.rng.load_state_dict(rng_state)
+
+        start_time, start_samples = time.perf_counter(), self.progress.samples_seen
+        cadence = _Cadence(self._new_window())
+        bar = self.console.progress_bar(total=total_steps, initial=self.progress.optimizer_step)
+        while self.progress.optimizer_step < total_steps:
+            self._train_epoch(total_steps, cadence, bar)
+        bar.close()
+        self.watchdog.mark(self.progress.optimizer_step, "finish")
+        self.stop_agreement.close()
+        return self._finish(cadence, time.perf_counter() - start_time, start_samples)
+
+    def _announce(self, total_steps: int) -> None:
+        cfg, console, train_loader = self.cfg, self.console, self.data.train
         console.print(f"dist_train: {self.dist_env.describe()} strategy={self.strategy.name} precision={cfg.train.precision}")
         console.print(f"batch: {self.arithmetic.describe()}")
         if self.model_summary:
             console.print(f"model: {self.model_summary}")
         console.print(
-            f"data: {self.data.num_train_samples} train samples -> {steps_per_epoch} steps/epoch "
+            f"data: {self.data.num_train_samples} train samples -> {train_loader.steps_per_epoch} steps/epoch "
             f"({train_loader.dropped_per_epoch} samples/epoch dropped to keep global batches full); "
             f"{self.data.num_eval_samples} eval samples; {total_steps} optimizer steps planned"
         )
 
-        from .signals import StopAgreement
-
-        self.stop_agreement = StopAgreement(self.dist_env)
-        self._resume()
-        rng_state = self.rng.state_dict()
-        self.tracker.start(cfg, self.progress.optimizer_step)
-        # A tracker may draw random numbers at start (W&B does for ids); a resumed run must continue from
-        # exactly the restored state, as the straight run did.
-        self.rng.load_state_dict(rng_state)
-
-        start_time = time.perf_counter()
-        start_samples = self.progress.samples_seen
-        window = self._new_window()
-        eval_metrics: dict = {}
-        last_eval_step = -1
-        bar = console.progress_bar(total=total_steps, initial=self.progress.optimizer_step)
-        while self.progress.optimizer_step < total_steps:
-            train_loader.set_epoch(self.progress.epoch)
-            self.strategy.train_mode(True)
-            steps_before = self.progress.optimizer_step
+    def _train_epoch(self, total_steps: int, cadence: "_Cadence", bar: Any) -> None:
+        """One pass of the train loader from its position: optimizer steps, each followed by its boundary."""
+        train_loader = self.data.train
+        train_loader.set_epoch(self.progress.epoch)
+        self.strategy.train_mode(True)
+        steps_before = self.progress.optimizer_step
+        data_wait_start = time.perf_counter()
+        self.watchdog.mark(self.progress.optimizer_step + 1, "data")
+        for step_batches in train_loader:
+            cadence.window.data_wait += time.perf_counter() - data_wait_start
+            next_step = self.progress.optimizer_step + 1
+            self._optimizer_step(step_batches, cadence.window, will_log=next_step % self.cfg.train.log_interval == 0 or next_step == total_steps)
+            bar.update(1)
+            epoch_done = self.progress.optimizer_step % train_loader.steps_per_epoch == 0
+            if epoch_done:
+                self.progress.epoch += 1
+            if self._step_boundary(total_steps, epoch_done, cadence, bar):
+                self._stop_here(bar)
+            if self.progress.optimizer_step >= total_steps or epoch_done:
+                break
             data_wait_start = time.perf_counter()
             self.watchdog.mark(self.progress.optimizer_step + 1, "data")
-            for step_batches in train_loader:
-                window.data_wait += time.perf_counter() - data_wait_start
-                next_step = self.progress.optimizer_step + 1
-                self._optimizer_step(step_batches, window, will_log=next_step % cfg.train.log_interval == 0 or next_step == total_steps)
-                bar.update(1)
-                step = self.progress.optimizer_step
-                epoch_done = step % steps_per_epoch == 0
-                if epoch_done:
-                    self.progress.epoch += 1
-                self.watchdog.steady = True
-                # Every rank calls the agreement at every boundary (no short-circuit): it is a collective.
-                agreed = self.stop_agreement.step(self.stop_requested)
-                stop = step == cfg.train.stop_at_step or agreed
-                save_for_time = False
-                if step % cfg.train.log_interval == 0 or step == total_steps:
-                    self.watchdog.mark(step, "log")
-                    requested, save_for_time = self._log(window, bar)
-                    stop = stop or requested
-                    window = self._new_window()
-                if (cfg.train.eval_interval and step % cfg.train.eval_interval == 0) or (epoch_done and not cfg.train.eval_interval):
-                    eval_metrics, last_eval_step = self.evaluate(), step
-                    self.strategy.train_mode(True)
-                if self.checkpointer.due(step, force=stop or save_for_time):
-                    self._save(window)
-                self.checkpointer.poll()
-                if stop:
-                    bar.close()
-                    self.watchdog.mark(step, "finish")
-                    self.stop_agreement.close()
-                    self.checkpointer.wait()
-                    # Launchers kill the remaining ranks once one exits non-zero: close the main process's
-                    # trackers (W&B writes its last step at finish) before any rank may leave.
-                    self.tracker.finish()
-                    self.strategy.barrier()
-                    planned = step == cfg.train.stop_at_step and not self.stop_requested
-                    why = " (train.stop_at_step, a planned stop)" if planned else ""
-                    interrupted = TrainingInterrupted(f"stopped on request at optimizer step {step}{why}; checkpoint saved under {self.checkpointer.directory}")
-                    interrupted.save_seconds = self.save_seconds
-                    raise interrupted
-                if step >= total_steps or epoch_done:
-                    break
-                data_wait_start = time.perf_counter()
-                self.watchdog.mark(step + 1, "data")
-            if self.progress.optimizer_step == steps_before:
-                raise RuntimeError(f"the training loader yielded no batch in epoch {self.progress.epoch}; its position is {train_loader.state_dict()}")
-        bar.close()
-        self.watchdog.mark(self.progress.optimizer_step, "finish")
-        self.stop_agreement.close()
+        if self.progress.optimizer_step == steps_before:
+            raise RuntimeError(f"the training loader yielded no batch in epoch {self.progress.epoch}; its position is {train_loader.state_dict()}")
 
-        elapsed = time.perf_counter() - start_time
-        # The end-of-run checkpoint comes before the final evaluation: an error in evaluation (a bad label in
-        # the test split) must not lose the run.
-        if cfg.checkpoint.save_at_end and self.checkpointer.due(self.progress.optimizer_step, force=True):
-            self._save(window)
-        else:
-            self._check_finite(window)
+    def _step_boundary(self, total_steps: int, epoch_done: bool, cadence: "_Cadence", bar: Any) -> bool:
+        """The cadence after an optimizer step: stop agreement, log, evaluation, checkpoint. Returns whether
+        the run stops here (the same answer on every rank)."""
+        cfg, step = self.cfg, self.progress.optimizer_step
+        self.watchdog.steady = True
+        # Every rank calls the agreement at every boundary (no short-circuit): it is a collective.
+        agreed = self.stop_agreement.step(self.stop_requested)
+        # A planned stop at the last step is the run's natural end (outputs written), not an interruption.
+        stop = (step == cfg.train.stop_at_step and step < total_steps) or agreed
+        save_for_time = False
+        if step % cfg.train.log_interval == 0 or step == total_steps:
+            self.watchdog.mark(step, "log")
+            requested, save_for_time = self._log(cadence.window, bar)
+            stop = stop or requested
+            cadence.window = self._new_window()
+        if (cfg.train.eval_interval and step % cfg.train.eval_interval == 0) or (epoch_done and not cfg.train.eval_interval):
+            # The end of the run saves before its evaluation (see _finish): bad test data must not cost the training.
+            if step < total_steps:
+                cadence.eval_metrics, cadence.last_eval_step = self.evaluate(), step
+                self.strategy.train_mode(True)
+        if self.checkpointer.due(step, force=stop or save_for_time):
+            self._save(cadence.window)
+        self.checkpointer.poll()
+        return stop
+
+    def _stop_here(self, bar: Any) -> None:
+        """The stop path: every rank has agreed to stop at this step and its checkpoint is written."""
+        step = self.progress.optimizer_step
+        bar.close()
+        self.watchdog.mark(step, "finish")
+        self.stop_agreement.close()
         self.checkpointer.wait()
-        if last_eval_step != self.progress.optimizer_step:
-            eval_metrics = self.evaluate()
+        # Launchers kill the remaining ranks once one exits non-zero: close the main process's trackers
+        # (W&B writes its last step at finish) before any rank may leave.
+        self.tracker.finish()
+        self.strategy.barrier()
+        planned = step == self.cfg.train.stop_at_step and not self.stop_requested
+        why = " (train.stop_at_step, a planned stop)" if planned else ""
+        interrupted = TrainingInterrupted(f"stopped on request at optimizer step {step}{why}; checkpoint saved under {self.checkpointer.directory}")
+        interrupted.save_seconds = self.save_seconds
+        raise interrupted
+
+    def _finish(self, cadence: "_Cadence", elapsed: float, start_samples: int) -> dict:
+        """The end of the run: its checkpoint before the final evaluation (an error in evaluation, a bad label
+        in the test split, must not lose the run), then model.pt and summary.json."""
+        cfg = self.cfg
+        if cfg.checkpoint.save_at_end and self.checkpointer.due(self.progress.optimizer_step, force=True):
+            self._save(cadence.window)
+        else:
+            self._check_finite(cadence.window)
+        self.checkpointer.wait()
+        if cadence.last_eval_step != self.progress.optimizer_step:
+            cadence.eval_metrics = self.evaluate()
         summary = {
             "optimizer_steps": self.progress.optimizer_step,
             "epochs_completed": self.progress.epoch,
@@ -287,7 +307,7 @@ class Trainer:
             "samples_per_second": (self.progress.samples_seen - start_samples) / max(elapsed, 1e-9),
             "world_size": self.dist_env.world_size,
             "grad_accum_steps": self.arithmetic.grad_accum_steps,
-            "eval": eval_metrics,
+            "eval": cadence.eval_metrics,
         }
         self._write_outputs(summary)
         return summary
@@ -581,6 +601,15 @@ class Trainer:
         self.watchdog.mark(self.progress.optimizer_step, "finish")
         self.tracker.finish()
         self.strategy.teardown()
+
+
+@dataclass
+class _Cadence:
+    """What the step boundaries carry from one to the next: the open log window and the latest evaluation."""
+
+    window: StepWindow
+    eval_metrics: dict = field(default_factory=dict)
+    last_eval_step: int = -1
 
 
 def planned_total_steps(cfg: Config, steps_per_epoch: int) -> int:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import IterableDataset
 
 from .config import BatchArithmetic, Config, ConfigError, ModelConfig
-from .env import DistEnv
+from .distributed.environment import DistEnv
 
 
 def require_map_style(dataset: Any, name: str) -> Any:

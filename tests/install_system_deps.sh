@@ -10,6 +10,8 @@ command -v sbatch >/dev/null || need+=(slurm-client)
 command -v munged >/dev/null || need+=(munge)
 # Open MPI's mpirun for tests/test_engines.py (a real `mpirun -np 2` run; dist_train itself needs no MPI library).
 command -v mpirun >/dev/null || need+=(openmpi-bin)
+# strace for tests/test_groups.py (which files a save fsyncs) and the per-node read counts of the emulated cluster.
+command -v strace >/dev/null || need+=(strace)
 if ((${#need[@]})); then
   if [ "$(id -u)" != 0 ]; then echo "install as root: ${need[*]}" >&2; exit 1; fi
   apt-get update -qq

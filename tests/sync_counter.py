@@ -112,12 +112,13 @@ def syncs_per_step(overrides: list[str], dist_env: Any) -> tuple[dict[int, list[
     """Train configs/cnn_digits.yaml in this process with `overrides`; returns (synchronising calls per
     optimizer step, the steps that logged, the run's summary)."""
     from dist_train.config import load_config
+    from dist_train.run import start_process_groups
     from dist_train.trainer import Trainer, planned_total_steps
 
     from .procs import REPO
 
     cfg = load_config(REPO / "configs" / "cnn_digits.yaml", ["data.source=digits", "train.progress_bar=false", "checkpoint.save_at_end=false", *overrides])
-    trainer = Trainer.build(cfg, dist_env)
+    trainer = Trainer.build(cfg, start_process_groups(cfg, dist_env))
     try:
         total = planned_total_steps(cfg, trainer.data.train.steps_per_epoch)
         log_steps = {s for s in range(1, total + 1) if s % cfg.train.log_interval == 0 or s == total}

@@ -30,9 +30,10 @@ from dist_train.strategies.dcp import load_dcp_full
 from dist_train.config import ConfigError, load_config
 from dist_train.data import GlobalBatchPlan, load_source
 from dist_train.data.transforms import adapt_images
-from dist_train.env import detect_environment
+from dist_train.distributed.environment import detect_environment
 from dist_train.export import export_checkpoint
 from dist_train.models import build_model, model_spec
+from dist_train.run import start_process_groups
 from dist_train.trainer import Trainer
 from tests.procs import dist_train, worker
 
@@ -231,7 +232,8 @@ SMALL = ["model.name=two_layer_net", "data.source=random", "data.num_samples=80"
 
 
 def _trainer(out: Path, *overrides: str) -> Trainer:
-    return Trainer.build(load_config(None, [*SMALL, f"output_dir={out}", *overrides]), detect_environment())
+    cfg = load_config(None, [*SMALL, f"output_dir={out}", *overrides])
+    return Trainer.build(cfg, start_process_groups(cfg, detect_environment()))
 
 
 def test_checkpoint_of_another_model_is_refused_naming_the_key(runs, tmp_path):
@@ -304,7 +306,8 @@ def test_async_checkpoint_holds_the_step_it_was_taken_at_while_training_goes_on(
     # wide (~4 MB of state) so the copy is still running when the next step starts.
     runs = {}
     for mode in ("sync", "async"):
-        trainer = Trainer.build(load_config(None, [*WIDE_NET, f"output_dir={tmp_path / mode}", f"checkpoint.async_save={mode == 'async'}"]), detect_environment())
+        cfg = load_config(None, [*WIDE_NET, f"output_dir={tmp_path / mode}", f"checkpoint.async_save={mode == 'async'}"])
+        trainer = Trainer.build(cfg, start_process_groups(cfg, detect_environment()))
         try:
             trainer.fit()
         finally:
@@ -322,7 +325,8 @@ def test_async_save_copies_the_state_before_the_next_optimizer_step_changes_it(t
     # fails: the checkpoint holds Adam's step count of the step after).
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    trainer = Trainer.build(load_config(None, [*WIDE_NET, f"output_dir={tmp_path}", "checkpoint.async_save=true"]), detect_environment())
+    cfg = load_config(None, [*WIDE_NET, f"output_dir={tmp_path}", "checkpoint.async_save=true"])
+    trainer = Trainer.build(cfg, start_process_groups(cfg, detect_environment()))
     strategy, batch = trainer.strategy, torch.randn(16, 1, 8, 8)
 
     def forward_backward() -> None:

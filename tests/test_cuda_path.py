@@ -12,7 +12,8 @@ import torch
 
 from dist_train.config import batch_arithmetic, load_config
 from dist_train.determinism import CUDA_NOTE, use_deterministic_algorithms
-from dist_train.env import DistEnv
+from dist_train.distributed.environment import DistEnv
+from dist_train.distributed.groups import ProcessGroups
 from dist_train.models import build_model
 from dist_train.optim import build_optimizer, build_scheduler
 from dist_train.strategies.ddp import DDPStrategy
@@ -46,7 +47,7 @@ def test_no_host_sync_outside_log_steps(precision, extra, tmp_path):
 
 def _ddp_strategy(precision: str, tmp_path: Path) -> DDPStrategy:
     cfg = load_config(REPO / "configs" / "mlp_digits.yaml", ["data.source=digits", f"train.precision={precision}", "optim.name=adam", f"output_dir={tmp_path}"])
-    strategy = DDPStrategy(cfg, DistEnv(), batch_arithmetic(cfg.train, 1))
+    strategy = DDPStrategy.from_config(cfg, ProcessGroups.start(DistEnv()), batch_arithmetic(cfg.train, 1))
     torch.manual_seed(0)
     strategy.setup_module(build_model(cfg.model))
     optimizer = build_optimizer(cfg.optim, strategy.unwrapped_model, fused=strategy.wants_fused_optimizer)
@@ -97,6 +98,7 @@ def test_deepspeed_bf16_runs_its_own_cast_without_torch_autocast(tmp_path):
     """ResNet-18 (BatchNorm) under ZeRO-2 bf16: the module computes in bf16 with autocast off, and the loss
     means what fp32 DDP's does."""
     pytest.importorskip("deepspeed")
+    from dist_train.run import start_process_groups
     from dist_train.trainer import Trainer
 
     common = ["data.source=digits", "train.max_steps=6", "train.log_interval=3", "train.eval_interval=6", "train.progress_bar=false", "checkpoint.save_at_end=false"]
@@ -104,7 +106,7 @@ def test_deepspeed_bf16_runs_its_own_cast_without_torch_autocast(tmp_path):
 
     def fit(name: str, *overrides: str) -> dict:
         cfg = load_config(REPO / "configs" / "resnet18_digits.yaml", [*common, f"output_dir={tmp_path / name}", *overrides])
-        trainer = Trainer.build(cfg, DistEnv(master_port=free_port()))
+        trainer = Trainer.build(cfg, start_process_groups(cfg, DistEnv(master_port=free_port())))
         conv = trainer.strategy.unwrapped_model.conv1
         handle = conv.register_forward_hook(lambda m, args, out: seen.append((torch.is_autocast_enabled("cpu"), args[0].dtype)))
         try:
@@ -115,7 +117,7 @@ def test_deepspeed_bf16_runs_its_own_cast_without_torch_autocast(tmp_path):
 
     reference = fit("ddp_fp32")
     seen.clear()
-    zero = fit("zero2_bf16", "strategy.name=deepspeed", "strategy.zero_stage=2", "train.precision=bf16")
+    zero = fit("zero2_bf16", "strategy.name=deepspeed", "strategy.deepspeed.zero_stage=2", "train.precision=bf16")
     assert seen and set(seen) == {(False, torch.bfloat16)}, f"(autocast on, input dtype) in the bf16 forward: {set(seen)}"
     # Same data, same init; bf16 rounding only: the eval loss stays within 5% of fp32's.
     assert zero["eval"]["eval/loss"] == pytest.approx(reference["eval"]["eval/loss"], rel=0.05), (zero["eval"], reference["eval"])

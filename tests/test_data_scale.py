@@ -20,7 +20,7 @@ from dist_train.data.loader import build_map_style
 from dist_train.data.shards import MANIFEST, DataError, Manifest, write_prepared, write_split
 from dist_train.data.sources import SourceData, Split
 from dist_train.data.streaming import build_streaming
-from dist_train.env import DistEnv
+from dist_train.distributed.environment import DistEnv
 from dist_train.models import model_spec
 
 from . import procs

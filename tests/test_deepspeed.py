@@ -13,7 +13,9 @@ import torch
 from dist_train.config import ConfigError, batch_arithmetic, load_config
 from dist_train.data import load_source
 from dist_train.data.transforms import adapt_images
-from dist_train.env import DistEnv
+from dist_train.config.deepspeed_json import build_deepspeed_config
+from dist_train.distributed.environment import DistEnv
+from dist_train.distributed.groups import ProcessGroups
 from dist_train.models import build_model, model_spec
 from dist_train.trainer import seed_everything
 from tests.procs import REPO, dist_train, worker
@@ -118,16 +120,16 @@ def _ds_config(tmp_path: Path, user: dict | None, *overrides: str, world_size: i
         source = tmp_path / "user.json"
         source.write_text(json.dumps(user))
     arithmetic = batch_arithmetic(cfg.train, world_size)
-    return deepspeed_strategy.build_deepspeed_config(cfg, arithmetic, user, source=str(source) if source else "")
+    return build_deepspeed_config(cfg, arithmetic, user, source=str(source) if source else "")
 
 
 def test_auto_values_are_filled_from_dist_train(tmp_path):
     zero3 = json.loads((REPO / "configs/deepspeed/zero3.json").read_text())
-    ds = _ds_config(tmp_path, zero3, "strategy.zero_stage=3", "train.grad_clip=1.0", "train.precision=bf16")
+    ds = _ds_config(tmp_path, zero3, "strategy.deepspeed.zero_stage=3", "train.grad_clip=1.0", "train.precision=bf16")
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 32
     assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["overlap_comm"] is True  # passed through
-    no_json = _ds_config(tmp_path, None, "strategy.zero_stage=1")
+    no_json = _ds_config(tmp_path, None, "strategy.deepspeed.zero_stage=1")
     assert no_json["zero_optimization"] == {"stage": 1} and no_json["gradient_clipping"] == 0.0
     with_optimizer = _ds_config(tmp_path, {"optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "weight_decay": 0.1}}})
     assert with_optimizer["optimizer"]["params"] == {"lr": 0.1, "betas": [0.9, 0.999], "weight_decay": 0.1}
@@ -141,7 +143,7 @@ def test_auto_values_are_filled_from_dist_train(tmp_path):
         ({"train_batch_size": 64}, [], "train_batch_size=64 but dist_train derives 32 from train.global_batch_size=32"),
         ({"bf16": {"enabled": True}}, [], "bf16.enabled=true but dist_train derives false from train.precision=fp32"),
         ({"gradient_clipping": 1.0}, [], "gradient_clipping=1.0 but dist_train derives 0.0 from train.grad_clip=None"),
-        ({"zero_optimization": {"stage": 3}}, ["strategy.zero_stage=2"], "zero_optimization.stage=3 but dist_train derives 2 from strategy.zero_stage=2"),
+        ({"zero_optimization": {"stage": 3}}, ["strategy.deepspeed.zero_stage=2"], "zero_optimization.stage=3 but dist_train derives 2 from strategy.deepspeed.zero_stage=2"),
         ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}, [], "zero_optimization.reduce_bucket_size=auto: dist_train fills auto only for"),
     ],
 )
@@ -154,7 +156,7 @@ def test_a_conflicting_json_is_refused_naming_both_values(tmp_path, user, overri
 def test_the_cli_refuses_a_conflicting_json_in_one_line(tmp_path):
     bad = tmp_path / "zero2_accum3.json"
     bad.write_text(json.dumps({**json.loads((REPO / "configs/deepspeed/zero2.json").read_text()), "gradient_accumulation_steps": 3}))
-    result = dist_train(["train", "configs/mlp_digits_zero2.yaml", f"strategy.deepspeed_config={bad}", f"output_dir={tmp_path / 'run'}"], timeout=180, check=False)
+    result = dist_train(["train", "configs/mlp_digits_zero2.yaml", f"strategy.deepspeed.config={bad}", f"output_dir={tmp_path / 'run'}"], timeout=180, check=False)
     assert result.returncode == 2, result.output
     assert "Traceback" not in result.output
     # One process: global 64 = micro 16 x 1 rank x 4 accumulation steps.
@@ -165,7 +167,7 @@ def test_the_cli_refuses_a_conflicting_json_in_one_line(tmp_path):
 def test_fp16_on_cpu_is_refused_naming_train_precision():
     cfg = load_config(MLP, [*DIGITS, "strategy.name=deepspeed", "train.precision=fp16"])
     with pytest.raises(ConfigError, match="train.precision=fp16 with strategy.name=deepspeed needs a GPU"):
-        deepspeed_strategy.DeepSpeedStrategy(cfg, DistEnv(), batch_arithmetic(cfg.train, 1))
+        deepspeed_strategy.DeepSpeedStrategy.from_config(cfg, ProcessGroups.start(DistEnv()), batch_arithmetic(cfg.train, 1))
 
 
 @pytest.mark.gpu
@@ -209,7 +211,7 @@ def test_a_crafted_deepspeed_checkpoint_is_refused_on_resume_and_export_and_runs
     exported = dist_train(["export", str(crafted), "--out", str(tmp_path / "model.pt")], timeout=240, check=False)
     resumed = dist_train(
         ["train", str(MLP), "data.source=digits", "train.global_batch_size=32", "train.micro_batch_size=8", "train.progress_bar=false",
-         "strategy.name=deepspeed", "strategy.zero_stage=2", f"strategy.deepspeed_config={REPO}/configs/deepspeed/zero2.json",
+         "strategy.name=deepspeed", "strategy.deepspeed.zero_stage=2", f"strategy.deepspeed.config={REPO}/configs/deepspeed/zero2.json",
          f"train.resume={crafted}", f"output_dir={tmp_path / 'resumed'}"],  # fmt: skip
         timeout=300,
         check=False,

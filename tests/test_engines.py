@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from dist_train.env import detect_environment
+from dist_train.distributed.environment import detect_environment
 from tests.engines import pytorchjob_pod, skypilot_node, srun_task, trainjob_pod
 from tests.procs import REPO, Result, assert_same_parameters, clean_env, final_model, free_port, kill_group, run
 

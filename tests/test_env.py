@@ -8,8 +8,9 @@ import signal
 import pytest
 
 from dist_train.config import ConfigError, explicit_keys, load_config, raw_config
-from dist_train.env import DistEnv, LaunchError, choose_device, detect_environment, reconcile_launcher_settings
-from dist_train.signals import requeue_slurm_job, resolve_signal, stop_on_signals
+from dist_train.config.accelerate import reconcile_launcher_settings
+from dist_train.distributed.environment import DistEnv, LaunchError, choose_device, detect_environment
+from dist_train.supervise.signals import requeue_slurm_job, resolve_signal, stop_on_signals
 from tests.engines import pytorchjob_pod, skypilot_node, trainjob_pod
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1", "MASTER_ADDR": "node1", "MASTER_PORT": "29400"}
@@ -246,7 +247,8 @@ def accelerate_env(**settings: str) -> dict:
 
 def reconcile(env: dict, overrides: list[str], preset: str = "configs/cnn_digits.yaml"):
     cfg = load_config(preset, overrides)
-    taken = reconcile_launcher_settings(cfg, detect(env), explicit_keys(raw_config(preset, overrides)))
+    dist_env = detect(env)
+    taken = reconcile_launcher_settings(cfg, dist_env.accelerate, dist_env.world_size, explicit_keys(raw_config(preset, overrides)))
     return cfg, taken
 
 
@@ -268,7 +270,7 @@ def test_accelerate_settings_fill_keys_the_config_leaves_unset():
         ACCELERATE_GRADIENT_CLIPPING="1.5", ACCELERATE_GRADIENT_ACCUMULATION_STEPS="2",
     )  # fmt: skip
     cfg, taken = reconcile(env, ["train.micro_batch_size=8"], preset=None)  # type: ignore[arg-type]
-    assert (cfg.train.precision, cfg.strategy.name, cfg.strategy.zero_stage, cfg.train.grad_clip) == ("bf16", "deepspeed", 3, 1.5)
+    assert (cfg.train.precision, cfg.strategy.name, cfg.strategy.deepspeed.zero_stage, cfg.train.grad_clip) == ("bf16", "deepspeed", 3, 1.5)
     # Accumulation is derived from the global batch, so accelerate's 2 steps set it: 8 x 2 ranks x 2.
     assert cfg.train.global_batch_size == 32
     assert len(taken) == 5 and any("gradient_accumulation_steps=2" in line for line in taken)
@@ -280,7 +282,7 @@ def test_accelerate_settings_fill_keys_the_config_leaves_unset():
         ({"ACCELERATE_MIXED_PRECISION": "bf16"}, ["train.precision=fp32"], ("mixed_precision=bf16", "train.precision=fp32")),
         ({"ACCELERATE_MIXED_PRECISION": "no"}, ["train.precision=fp16"], ("mixed_precision=fp32", "train.precision=fp16")),
         ({"ACCELERATE_USE_DEEPSPEED": "true"}, ["strategy.name=ddp"], ("distributed_type=deepspeed", "strategy.name=ddp")),
-        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, ["strategy.zero_stage=2"], ("zero_stage=3", "strategy.zero_stage=2")),
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, ["strategy.deepspeed.zero_stage=2"], ("zero_stage=3", "strategy.deepspeed.zero_stage=2")),
         ({"ACCELERATE_GRADIENT_CLIPPING": "1.0"}, ["train.grad_clip=0.5"], ("gradient_clipping=1.0", "train.grad_clip=0.5")),
         ({"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"}, [], ("gradient_accumulation_steps=4", "derives 1")),
     ],

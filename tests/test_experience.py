@@ -173,7 +173,7 @@ def test_a_config_error_under_torchrun_is_said_once_before_any_long_output():
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3") / "run"
-    result = dist_train(["train", "configs/mlp_digits.yaml", "strategy.name=deepspeed", "strategy.zero_stage=3", "train.max_steps=30",
+    result = dist_train(["train", "configs/mlp_digits.yaml", "strategy.name=deepspeed", "strategy.deepspeed.zero_stage=3", "train.max_steps=30",
                          "train.log_interval=10", f"output_dir={out}"], nproc=2)  # fmt: skip
     return out, result
 
@@ -246,7 +246,7 @@ def test_accelerate_asked_for_two_processes_but_starting_one_is_refused_in_one_l
 
 
 def test_a_multi_cpu_accelerate_environment_is_told_apart_from_a_real_single_process_launch():
-    from dist_train.env import LaunchError, detect_environment
+    from dist_train.distributed.environment import LaunchError, detect_environment
 
     multi_cpu = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     with pytest.raises(LaunchError, match="asked for several processes"):

@@ -141,7 +141,7 @@ def test_wandb_at_a_silent_address_never_stalls_the_other_ranks(tmp_path):
     and its metrics are logged offline."""
     import socket
 
-    from dist_train.wandb_offline import find_runs, read_run
+    from dist_train.observe.wandb_offline import find_runs, read_run
     from tests import procs
     from tests.test_tracking import FAKE_API_KEY
 

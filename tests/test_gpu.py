@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from dist_train.config import load_config
-from dist_train.env import detect_environment
+from dist_train.distributed.environment import detect_environment
 from dist_train.models import build_model
-from dist_train.tracking import Tracker
+from dist_train.observe.tracking import Tracker
+from dist_train.run import start_process_groups
 from dist_train.trainer import Trainer
 from tests.procs import REPO, dist_train, worker
 from tests.sync_counter import syncs_per_step
@@ -119,7 +120,7 @@ def test_peak_memory_is_reported_per_log_window(tmp_path):
     if not CUDA:
         pytest.skip("CUDA memory statistics only")
     cfg = load_config(REPO / CNN, [*BASE, "train.max_steps=6", "train.log_interval=2", "checkpoint.save_at_end=false", f"output_dir={tmp_path}"])
-    trainer = Trainer.build(cfg, detect_environment())
+    trainer = Trainer.build(cfg, start_process_groups(cfg, detect_environment()))
     trainer.tracker = recorder = _Recorder()
     step = trainer._optimizer_step
 
@@ -206,3 +207,60 @@ def test_deepspeed_bf16_resnet18_with_batchnorm(deepspeed_runs):
     run = deepspeed_runs["zero2_bf16_resnet18"]
     assert "error" not in run, run.get("traceback", run.get("error"))
     assert run["summary"]["optimizer_steps"] == 10 and all(loss == loss for loss in run["losses"]), run
+
+
+# ---------------------------------------------------------------- the groups and the device (issue 21)
+
+
+def test_fsdp2_with_async_save_on_one_gpu_resumes_bitwise(tmp_path):
+    """One process under FSDP2 has an NCCL-only default group on a GPU; torch's async saver needs a CPU group
+    (the checkpoint group, distributed/groups.py). It used to assert at the first save."""
+    overrides = ["strategy.name=fsdp2", *RESUME, "checkpoint.async_save=true"]
+    _train(tmp_path / "straight", *overrides)
+    _train(tmp_path / "split", *overrides, "train.stop_at_step=10", check=False)
+    assert (tmp_path / "split" / "checkpoints" / "step-00000010" / "COMPLETE").is_file()
+    _train(tmp_path / "split", *overrides, "train.resume=auto")
+    reference, split = _model(tmp_path / "straight"), _model(tmp_path / "split")
+    assert all(torch.equal(split[k], v) for k, v in reference.items())
+
+
+def test_fsdp2_cpu_offload_trains_past_its_first_logged_step(tmp_path):
+    """The logged gradient norm's full_tensor() sends CPU shards through the default group, which therefore
+    is cuda:nccl,cpu:gloo; an NCCL-only group failed at the first logged step."""
+    if not CUDA:
+        pytest.skip("cpu_offload moves shards off a GPU")
+    result = _train(tmp_path, "strategy.name=fsdp2", "strategy.fsdp2.cpu_offload=true", "train.max_steps=22", "train.log_interval=5")
+    summary = _summary(tmp_path)
+    assert summary["optimizer_steps"] == 22 and summary["eval"]["eval/accuracy"] > 0.6, (summary, result.stdout[-2000:])
+
+
+def test_deepspeed_at_local_rank_1_with_one_visible_gpu(tmp_path):
+    """srun --gpus-per-task=1 / one GPU per pod: each process sees one GPU, so local rank 1 trains on cuda:0,
+    and DeepSpeed must be told so (it set_device(LOCAL_RANK) and failed with "invalid device ordinal")."""
+    pytest.importorskip("deepspeed")
+    common = ["strategy.name=deepspeed", "strategy.deepspeed.zero_stage=2", "train.max_steps=6", "checkpoint.save_at_end=false"]
+    env = {"CUDA_VISIBLE_DEVICES": "0"} if CUDA else {}
+    result = dist_train(["train", "configs/mlp_digits.yaml", *BASE, *common, "strategy.backend=nccl" if CUDA else "strategy.backend=gloo",
+                         f"output_dir={tmp_path / 'nccl'}"], nproc=2, timeout=300, env=env, check=False)  # fmt: skip
+    assert "invalid device ordinal" not in result.output, result.output[-4000:]
+    out = tmp_path / "nccl"
+    if result.returncode != 0:  # NCCL refuses two ranks on one device; gloo carries the CUDA tensors then
+        assert re.search(r"[Dd]uplicate GPU|ncclInvalidUsage|invalid usage", result.output), result.output[-4000:]
+        out = tmp_path / "gloo"
+        dist_train(["train", "configs/mlp_digits.yaml", *BASE, *common, "strategy.backend=gloo", f"output_dir={out}"], nproc=2, timeout=300, env=env)
+    assert _summary(out)["optimizer_steps"] == 6
+
+
+def test_async_saved_batchnorm_statistics_are_the_models(tmp_path):
+    """The async save clones BatchNorm's running statistics on the compute stream and copies them on the
+    stager's side stream, which must wait for the clones (and the step before them)."""
+    overrides = ["train.max_steps=5", "checkpoint.async_save=true", "train.log_interval=5"]
+    _train(tmp_path, *overrides, preset="configs/resnet18_digits.yaml")
+    from dist_train.strategies.dcp import load_dcp_full
+
+    saved = load_dcp_full(tmp_path / "checkpoints" / "step-00000005")["model"]
+    final = _model(tmp_path)
+    buffers = [k for k in final if "running_" in k]
+    assert buffers, "ResNet-18 has BatchNorm buffers"
+    for key in buffers:
+        assert torch.equal(saved[key], final[key]), f"{key}: the async checkpoint holds other statistics than model.pt"

@@ -17,7 +17,8 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_train.config import load_config
-from dist_train.env import DistEnv
+from dist_train.distributed.environment import DistEnv
+from dist_train.distributed.groups import ProcessGroups
 from dist_train.models.tutorial import CNN
 from dist_train.trainer import Trainer
 from tests.procs import REPO, worker
@@ -45,7 +46,7 @@ def run_ops(tmp_path, steps: int) -> Counter:
         f"train.max_steps={steps}", "train.log_interval=1000", "train.eval_interval=1000000",
         "train.progress_bar=true", "checkpoint.save_at_end=false", f"output_dir={tmp_path / str(steps)}",
     ])
-    trainer = Trainer.build(cfg, DistEnv())
+    trainer = Trainer.build(cfg, ProcessGroups.start(DistEnv()))
     try:
         with OpCounter() as counter:
             summary = trainer.fit()

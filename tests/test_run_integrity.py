@@ -18,8 +18,9 @@ import torch
 from dist_train.checkpoint import INDEX_FILE, TRASH_PREFIX, complete_checkpoints, read_meta
 from dist_train.strategies.dcp import load_dcp_full
 from dist_train.config import load_config
-from dist_train.env import detect_environment
-from dist_train.lineage import LOCK_FILE, RUN_FILE, ResumePlan, RunInfo, acquire_lock
+from dist_train.distributed.environment import detect_environment
+from dist_train.checkpoint.lineage import LOCK_FILE, RUN_FILE, ResumePlan, RunInfo, acquire_lock
+from dist_train.run import start_process_groups
 from dist_train.trainer import RNGState, Trainer
 from tests.procs import dist_train, worker
 
@@ -100,7 +101,7 @@ def test_same_preset_twice_is_refused_then_start_over_keeps_both_and_restart_res
 def test_retention_and_auto_resume_see_only_their_own_run_and_never_delete_the_new_checkpoint(tmp_path):
     out = tmp_path / "shared"
     cfg = load_config(None, [*SMALL, f"output_dir={out}", "checkpoint.keep_latest=1"])
-    env = detect_environment()
+    env = start_process_groups(cfg, detect_environment())
     older = Trainer.build(cfg, env, RunInfo("older", "f", ResumePlan()))
     for step in (6, 8):
         older.checkpointer.save(step, older.stateful())
@@ -240,7 +241,7 @@ def test_batchnorm_eval_checkpoint_and_model_pt_describe_the_same_model(exact_ru
         assert torch.equal(model_pt[key], checkpoint[key]), key
     summary = json.loads((straight / "summary.json").read_text())
     cfg = load_config(exact_runs["config"], [f"output_dir={straight / 'eval'}"])
-    trainer = Trainer.build(cfg, detect_environment())
+    trainer = Trainer.build(cfg, start_process_groups(cfg, detect_environment()))
     trainer.strategy.unwrapped_model.load_state_dict(model_pt)
     metrics = trainer.evaluate()  # one process, the whole test split, from model.pt alone
     assert metrics["eval/accuracy"] == summary["eval"]["eval/accuracy"]
@@ -281,7 +282,7 @@ def test_a_changed_lr_on_resume_takes_effect_and_is_logged_and_a_refused_key_nam
 
 def test_every_config_key_has_declared_resume_semantics():
     from dist_train.config import all_keys
-    from dist_train.resume_semantics import APPLIED, REFUSED, REPLANNED, semantics_of
+    from dist_train.checkpoint.resume_semantics import APPLIED, REFUSED, REPLANNED, semantics_of
 
     for key in all_keys():
         assert semantics_of(key)[0] in (APPLIED, REPLANNED, REFUSED), key
@@ -399,7 +400,8 @@ SMALL = ["model.name=two_layer_net", "data.source=random", "data.num_samples=80"
 
 
 def _trainer(out: Path, *overrides: str) -> Trainer:
-    return Trainer.build(load_config(None, [*SMALL, f"output_dir={out}", *overrides]), detect_environment())
+    cfg = load_config(None, [*SMALL, f"output_dir={out}", *overrides])
+    return Trainer.build(cfg, start_process_groups(cfg, detect_environment()))
 
 
 def _model_like(trainer: Trainer) -> torch.nn.Module:

@@ -17,7 +17,7 @@ from dist_train.data.shards import DataError, write_split
 from dist_train.data.sources import Split
 from dist_train.data.streaming import _StreamCursor, build_streaming, open_split
 from dist_train.data.transforms import adapt_images
-from dist_train.env import DistEnv
+from dist_train.distributed.environment import DistEnv
 from dist_train.models import model_spec
 
 from . import procs

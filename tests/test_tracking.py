@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from dist_train.config import Config, WandbConfig, load_config
-from dist_train.env import DistEnv
-from dist_train.tracking import (
+from dist_train.distributed.environment import DistEnv
+from dist_train.observe.tracking import (
     NullTracker,
     TensorBoardTracker,
     Tracker,
@@ -23,7 +23,7 @@ from dist_train.tracking import (
     build_tracker,
     resolve_wandb_mode,
 )
-from dist_train.wandb_offline import find_runs, read_run
+from dist_train.observe.wandb_offline import find_runs, read_run
 from tests import procs
 
 # Shaped like a real key (40+ word characters) so W&B would accept it; never valid anywhere.

@@ -7,29 +7,21 @@ and `load_state_dict` (its position: epoch and samples consumed this epoch over 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from ..config import BatchArithmetic, Config
-from ..env import DistEnv
+from ..distributed.environment import DistEnv
 from ..models import ModelSpec
-from .loader import EvalLoader, GlobalBatchPlan, MapStyleTrainLoader, build_map_style
+from .loader import DataBundle, EvalLoader, GlobalBatchPlan, MapStyleTrainLoader, build_map_style
 from .sources import SOURCES, SourceData, Split, load_source
 
 
-@dataclass
-class DataBundle:
-    train: Any  # MapStyleTrainLoader or the streaming shard loader: same interface
-    eval: Any
-    num_train_samples: int
-    num_eval_samples: int
-
-
-def build_data(cfg: Config, spec: ModelSpec, arithmetic: BatchArithmetic, dist_env: DistEnv) -> DataBundle:
+def build_data(cfg: Config, spec: ModelSpec, arithmetic: BatchArithmetic, dist_env: DistEnv, control_group: Any = None) -> DataBundle:
+    """`control_group`: the gloo group the ranks agree on each step's data over (ProcessGroups.control)."""
     if cfg.data.source == "shards":
         from .streaming import build_streaming  # noqa: PLC0415 (optional path, keeps import light)
 
-        return build_streaming(cfg, spec, arithmetic, dist_env)
+        return build_streaming(cfg, spec, arithmetic, dist_env, control_group)
     if ":" in cfg.data.source:
         return build_user_data(cfg, arithmetic, dist_env)
     source = load_source(cfg.data, spec)

@@ -2,7 +2,7 @@
 
 A bad sample (a label outside the classes, a NaN input) lands in one rank's micro-batch. If that rank
 simply raised, the others would wait in the next gradient all-reduce until the collective timeout (or die
-on a closed connection). So each rank's loader all-reduces, on its own gloo group, a small verdict per
+on a closed connection). So each rank's loader all-reduces, on the control group (gloo, distributed/groups.py), a small verdict per
 group of steps (the loader groups the steps of a few megabytes of data): any problem, and the samples
 skipped at each step. The reduction for a group starts when the group is assembled and is waited for only
 when the group is handed out, after the next group was assembled: by then it has long completed, so the
@@ -31,12 +31,6 @@ class StepAgreement:
     @property
     def collective(self) -> bool:
         return self.group is not None
-
-    @classmethod
-    def for_ranks(cls, world_size: int) -> "StepAgreement":
-        if world_size > 1 and dist.is_available() and dist.is_initialized():
-            return cls(dist.new_group(backend="gloo"))
-        return cls(None)
 
     def start(self, problem: Optional[str], skipped: list[int]) -> tuple:
         """Start agreeing on a group of steps: this rank's problem (if any) and its samples skipped per step."""

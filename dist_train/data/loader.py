@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import BatchArithmetic, ConfigError
-from ..env import DistEnv
+from ..distributed.environment import DistEnv
 from .sources import Split
 from .transforms import adapt_images
 
@@ -51,6 +51,17 @@ class GlobalBatchPlan:
         per_rank = self.global_batch_size // world_size
         start = step * self.global_batch_size + rank * per_rank
         return order[start : start + per_rank]
+
+
+@dataclass
+class DataBundle:
+    """What the trainer gets from the data side: a train loader (map-style or streaming, one interface)
+    and an exact eval loader, with the split sizes."""
+
+    train: Any
+    eval: Any
+    num_train_samples: int
+    num_eval_samples: int
 
 
 class InMemoryDataset(Dataset):

@@ -31,11 +31,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import BatchArithmetic, Config, ConfigError, DataConfig
-from ..env import DistEnv
+from ..distributed.environment import DistEnv
 from ..models import ModelSpec
-from . import DataBundle
 from .agreement import StepAgreement
-from .loader import GlobalBatchPlan, MapStyleTrainLoader, _identity, worker_seed_generator
+from .loader import DataBundle, GlobalBatchPlan, MapStyleTrainLoader, _identity, worker_seed_generator
 from .node_store import PASS_PREFIX, PassPlan, SharedShards, decoded_shard_bytes, enter_pass, keys_or_placeholders, leave_pass, node_scratch
 from .remote import ShardCache, open_shard
 from .shards import MANIFEST, DataError, Manifest, Record, bad_sample_reasons, checked_records, close_shard_stream, decode_record
@@ -380,7 +379,7 @@ class StreamingTrainLoader(MapStyleTrainLoader):
     actually used.
     """
 
-    def __init__(self, source: ShardSource, order: StreamOrder, arithmetic: BatchArithmetic, dist_env: DistEnv, num_workers: int, input_shape: tuple[int, ...], skip_bad: bool, scratch: Path, job_token: str) -> None:
+    def __init__(self, source: ShardSource, order: StreamOrder, arithmetic: BatchArithmetic, dist_env: DistEnv, num_workers: int, input_shape: tuple[int, ...], skip_bad: bool, scratch: Path, job_token: str, control_group: Optional[object] = None) -> None:
         plan = GlobalBatchPlan(source.num_samples, arithmetic.global_batch_size, order.seed, order.shuffle)
         super().__init__(source, plan, arithmetic, dist_env, num_workers)  # type: ignore[arg-type]
         self.source, self.order, self.input_shape, self.skip_bad = source, order, input_shape, skip_bad
@@ -389,7 +388,7 @@ class StreamingTrainLoader(MapStyleTrainLoader):
         self.decoded_records = 0
         self.bytes_read = 0
         self.passes = 0
-        self.agreement: Optional[StepAgreement] = None
+        self.agreement = StepAgreement(control_group)  # None: a single process (or ranks without groups), local verdicts
 
     def __iter__(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         for step in self.iter_steps(with_keys=False):
@@ -424,8 +423,6 @@ class StreamingTrainLoader(MapStyleTrainLoader):
 
     def iter_steps(self, with_keys: bool = True) -> Iterator[list[tuple[torch.Tensor, torch.Tensor, Optional[list[str]]]]]:
         """Per optimizer step, this rank's micro-batches with their sample keys (None unless `with_keys`)."""
-        if self.agreement is None:
-            self.agreement = StepAgreement.for_ranks(self.dist_env.world_size)
         import webdataset.gopen  # noqa: F401, PLC0415 - imported once here, inherited by forked workers (~70 ms each otherwise)
         import webdataset.tariterators  # noqa: F401, PLC0415
 
@@ -458,7 +455,6 @@ class StreamingTrainLoader(MapStyleTrainLoader):
         """Steps go out in groups of `group_steps` (the same on every rank), a group once every rank's verdict on
         it is in, which is after the next group was assembled: one small all-reduce per group, long finished
         when it is waited for."""
-        assert self.agreement is not None
         if not self.agreement.collective:
             group_steps = 1  # a local verdict: nothing to wait for, nothing to group
         pending: Optional[tuple] = None
@@ -512,7 +508,6 @@ class StreamingTrainLoader(MapStyleTrainLoader):
             yield first + i, x, y, keys[i] if keys is not None else None, reports[i]
 
     def _hand_out(self, group: list[tuple[list, int]], started: tuple) -> Iterator[list]:
-        assert self.agreement is not None
         for (step, _), skipped in zip(group, self.agreement.finish(started)):
             self.skipped_samples += skipped
             self.step_samples_kept = self.plan.global_batch_size - skipped
@@ -595,7 +590,7 @@ def job_token(dist_env: DistEnv) -> str:
 _LOADERS_BUILT = itertools.count()
 
 
-def build_streaming(cfg: Config, spec: ModelSpec, arithmetic: BatchArithmetic, dist_env: DistEnv) -> DataBundle:
+def build_streaming(cfg: Config, spec: ModelSpec, arithmetic: BatchArithmetic, dist_env: DistEnv, control_group: Optional[object] = None) -> DataBundle:
     if cfg.data.shuffle_window < 1:
         raise ConfigError(f"data.shuffle_window must be at least 1, got {cfg.data.shuffle_window}")
     if cfg.data.cache_max_bytes < 1:
@@ -608,7 +603,7 @@ def build_streaming(cfg: Config, spec: ModelSpec, arithmetic: BatchArithmetic, d
     train_loader = StreamingTrainLoader(
         train, order, arithmetic, dist_env, cfg.data.num_workers, spec.input_shape, cfg.data.skip_bad_samples,
         # Room for a few decoded shards: the store holds those between the node's slowest and fastest consumer.
-        node_scratch(cfg.data.cache_dir, 4 * decoded_shard_bytes(train.manifest)), job_token(dist_env),
+        node_scratch(cfg.data.cache_dir, 4 * decoded_shard_bytes(train.manifest)), job_token(dist_env), control_group,
     )
     eval_loader = StreamingEvalLoader(test, max(arithmetic.micro_batch_size, 256), dist_env, spec.input_shape, cfg.data.skip_bad_samples)
     return DataBundle(train_loader, eval_loader, train.num_samples, test.num_samples)

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import BatchArithmetic, Config, ConfigError
-from ..env import DistEnv, broadcast_from_main
+from ..config import BatchArithmetic, Config, ConfigError, StrategyConfig, TrainConfig
+from ..distributed.groups import GroupNeeds, ProcessGroups
 
 
 @dataclass
@@ -58,14 +58,28 @@ def check_precision_supported(precision: str, device: torch.device) -> None:
 class Strategy(ABC):
     name = "base"
 
-    def __init__(self, cfg: Config, dist_env: DistEnv, arithmetic: BatchArithmetic) -> None:
-        self.cfg = cfg
-        self.dist_env = dist_env
+    def __init__(self, settings: StrategyConfig, train: TrainConfig, groups: ProcessGroups, arithmetic: BatchArithmetic) -> None:
+        """`settings`: the strategy section (its own sub-section is `settings.<name>`); `train`: the loop's
+        section (precision, clipping); `groups`: this process's groups (distributed/groups.py)."""
+        self.settings = settings
+        self.train = train
+        self.groups = groups
+        self.dist_env = groups.dist_env
         self.arithmetic = arithmetic
-        self.device = dist_env.torch_device
+        self.device = groups.device
         self.model: Any = None  # the wrapped model the loop calls
         self.optimizer: Any = None
         self.scheduler: Any = None
+
+    @classmethod
+    def from_config(cls, cfg: Config, groups: ProcessGroups, arithmetic: BatchArithmetic) -> "Strategy":
+        """Build from the sections this backend reads (the factory's one place that sees the whole config)."""
+        return cls(cfg.strategy, cfg.train, groups, arithmetic)
+
+    @classmethod
+    def group_needs(cls, cfg: Config) -> GroupNeeds:
+        """What this backend needs from torch.distributed, known before any group exists."""
+        return GroupNeeds(backend=cfg.strategy.backend, background_checkpoint=cfg.checkpoint.async_save and cls.checkpoint_format == "dcp")
 
     # ------------------------------------------------------------ setup
 
@@ -98,7 +112,7 @@ class Strategy(ABC):
     # ------------------------------------------------------------ the loop
 
     def autocast(self) -> ContextManager:
-        dtype = autocast_dtype(self.cfg.train.precision)
+        dtype = autocast_dtype(self.train.precision)
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
@@ -143,7 +157,7 @@ class Strategy(ABC):
 
     def broadcast_object(self, obj: Any) -> Any:
         """The main process's `obj` on every rank."""
-        return broadcast_from_main(obj, self.dist_env)
+        return self.groups.broadcast_from_main(obj)
 
     def all_gather_rows(self, vector: torch.Tensor) -> torch.Tensor:
         """Every rank's 1-D `vector` stacked: row r is rank r's. One collective for many per-rank facts."""
@@ -174,11 +188,12 @@ class Strategy(ABC):
     checkpoint_format = "none"  # recorded in meta.json; strategies with the same format load each other's checkpoints
 
     @abstractmethod
-    def save_checkpoint(self, directory: Path) -> Any:
+    def save_checkpoint(self, directory: Path, background: bool = False) -> Any:
         """Collective: every rank calls it; writes model, optimizer, scheduler and scaler state under `directory`.
 
-        Returns None when the files are written, or a Future that completes (on the main process) once every
-        rank's files are written (background save); the Checkpointer marks the directory complete after that."""
+        Returns None when the files are written, or (`background`, where the backend can) a Future that
+        completes on the main process once every rank's files are written; the Checkpointer marks the
+        directory complete after that."""
 
     def finish_staging(self) -> None:
         """Block until a background save has copied the state it saves; the optimizer step calls it first.

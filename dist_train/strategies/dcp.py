@@ -19,7 +19,6 @@ anyway, since torch.optim's first `add_param_group` imports torch._dynamo).
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import enum
 import io
 import pickle
@@ -35,10 +34,9 @@ from ..errors import CheckpointError
 class DCPCheckpointing:
     """Checkpoint I/O for a strategy whose model and optimizer `get_state_dict` understands.
 
-    Mixed into a Strategy: uses its `unwrapped_model`, `optimizer`, `scheduler`, `scaler`, `cfg`, `dist_env`."""
+    Mixed into a Strategy: uses its `unwrapped_model`, `optimizer`, `scheduler`, `scaler`, `device`, `groups`."""
 
     checkpoint_format = "dcp"
-    _checkpoint_group: Any = None
     _stager: Any = None  # DCP's DefaultStager: owns the host buffers an asynchronous save copies into
     _staging: Any = None  # Future of the copy in flight: done once the state may change again
 
@@ -55,6 +53,12 @@ class DCPCheckpointing:
         state = self._dcp_state()
         buffer_names = {name for name, _ in self.unwrapped_model.named_buffers()}
         state["model"] = {k: v.detach().clone() if k in buffer_names and isinstance(v, torch.Tensor) else v for k, v in state["model"].items()}
+        if self.device.type == "cuda":
+            # The stager copies on a side stream of its own that never waits for the compute stream: until the
+            # clones above (and the optimizer step before them) have run, it would copy what is not there yet.
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+            ready.synchronize()
         return state
 
     def _staging_options(self) -> Any:
@@ -73,25 +77,12 @@ class DCPCheckpointing:
         if staging is not None:
             staging.result()
 
-    def _async_group(self) -> Any:
-        """A gloo group of the checkpoint's own: on the default group the save thread's collectives interleave
-        with the training collectives and both sides wait forever (measured: the save thread sits in a
-        broadcast while DDP sits in its all-reduce)."""
-        import torch.distributed as dist
-
-        if not self.dist_env.distributed:
-            return None
-        if self._checkpoint_group is None:
-            timeout = datetime.timedelta(seconds=self.cfg.strategy.timeout_seconds)
-            self._checkpoint_group = dist.new_group(backend="gloo", timeout=timeout)  # collective: every rank saves at the same step
-        return self._checkpoint_group
-
-    def save_checkpoint(self, directory: Path) -> Optional[Any]:
-        """Model/optimizer/scheduler/scaler with DCP. With checkpoint.async_save the state is copied to host
-        buffers and written by background threads: returns the Future of the write (else None)."""
+    def save_checkpoint(self, directory: Path, background: bool = False) -> Optional[Any]:
+        """Model/optimizer/scheduler/scaler with DCP. In the background (checkpoint.async_save) the state is
+        copied to host buffers and written by background threads: returns the Future of the write (else None)."""
         import torch.distributed.checkpoint as dcp
 
-        if not self.cfg.checkpoint.async_save:
+        if not background:
             dcp.save(self._dcp_state(), checkpoint_id=str(directory))
             return None
         self.finish_staging()  # the Checkpointer finishes one save before the next; this keeps the buffers safe regardless
@@ -99,7 +90,7 @@ class DCPCheckpointing:
             from torch.distributed.checkpoint.staging import DefaultStager
 
             self._stager = DefaultStager(self._staging_options())
-        response = dcp.async_save(self._async_state(), checkpoint_id=str(directory), process_group=self._async_group(), async_stager=self._stager)
+        response = dcp.async_save(self._async_state(), checkpoint_id=str(directory), process_group=self.groups.checkpoint, async_stager=self._stager)
         self._staging = response.staging_completion
         return response.upload_completion
 
@@ -126,7 +117,7 @@ class DCPCheckpointing:
                 f"resume it with strategy.name={meta.get('strategy')}, or `dist-train export` it and start from the weights"
             )
         state = self._dcp_state()
-        check_model_fits(directory, state["model"], self.cfg.model.name)
+        check_model_fits(directory, state["model"])
         try:
             dcp.load(state, storage_reader=_safe_reader(directory), planner=_safe_planner())
         except CheckpointError:
@@ -228,7 +219,7 @@ def read_dcp_metadata(directory: Path) -> Any:
         raise CheckpointError(f"{directory}/.metadata is missing or unreadable ({e}); the checkpoint is damaged") from None
 
 
-def check_model_fits(directory: Path, model_state: dict, model_name: str) -> None:
+def check_model_fits(directory: Path, model_state: dict) -> None:
     """Name the parameter that differs (missing, unexpected or another shape) before DCP fails opaquely."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -238,7 +229,7 @@ def check_model_fits(directory: Path, model_state: dict, model_name: str) -> Non
         if fqn.startswith("model.") and isinstance(md, TensorStorageMetadata)
     }
     current = {k: list(v.shape) for k, v in model_state.items() if isinstance(v, torch.Tensor)}
-    where = f"checkpoint {directory} does not fit this model (model.name={model_name})"
+    where = f"checkpoint {directory} does not fit this model (model.*)"
     for key, shape in current.items():
         if key not in saved:
             raise CheckpointError(f"{where}: '{key}' is in this model but not in the checkpoint")

@@ -20,29 +20,29 @@ from .dcp import DCPCheckpointing
 class DDPStrategy(DCPCheckpointing, Strategy):
     name = "ddp"
 
-    def __init__(self, cfg: Any, dist_env: Any, arithmetic: Any) -> None:
-        super().__init__(cfg, dist_env, arithmetic)
-        check_precision_supported(cfg.train.precision, self.device)
-        if cfg.strategy.sync_batchnorm and self.device.type != "cuda":
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        check_precision_supported(self.train.precision, self.device)
+        if self.settings.ddp.sync_batchnorm and self.device.type != "cuda":
             raise ConfigError(
-                "strategy.sync_batchnorm=true needs CUDA (torch's SyncBatchNorm has no CPU kernel); on CPU set it to false: "
+                "strategy.ddp.sync_batchnorm=true needs CUDA (torch's SyncBatchNorm has no CPU kernel); on CPU set it to false: "
                 "each rank then normalises its own micro-batch and rank 0's running statistics are the ones evaluated, saved and exported"
             )
 
     def setup_module(self, model: nn.Module) -> None:
-        if self.cfg.strategy.sync_batchnorm and self.dist_env.distributed:
+        if self.settings.ddp.sync_batchnorm and self.dist_env.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(self.device)
         self._module = model
         if self.dist_env.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(
-                model, device_ids=device_ids, find_unused_parameters=self.cfg.strategy.find_unused_parameters
+                model, device_ids=device_ids, find_unused_parameters=self.settings.ddp.find_unused_parameters
             )
         else:
             self.model = model
         # fp16 needs loss scaling; bf16 has fp32's range and does not.
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.cfg.train.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.train.precision == "fp16")
         self._params = [p for p in model.parameters() if p.requires_grad]
 
     @property
@@ -51,7 +51,7 @@ class DDPStrategy(DCPCheckpointing, Strategy):
 
     @property
     def wants_fused_optimizer(self) -> bool:
-        return self.cfg.train.precision == "fp16"  # GradScaler.step then skips on the device, without a sync
+        return self.train.precision == "fp16"  # GradScaler.step then skips on the device, without a sync
 
     def accumulation_context(self, is_last_micro_batch: bool) -> ContextManager:
         if self.dist_env.distributed and not is_last_micro_batch:
@@ -67,7 +67,7 @@ class DDPStrategy(DCPCheckpointing, Strategy):
         # After DDP's all-reduce every rank holds the same gradients, so every rank sees the same inf/nan
         # and the scaler skips the same steps everywhere.
         self.finish_staging()  # an asynchronous save may still be copying the parameters this step writes
-        return scaled_optimizer_step(self.optimizer, self.scaler, self._params, self.cfg.train.grad_clip, compute_grad_norm)
+        return scaled_optimizer_step(self.optimizer, self.scaler, self._params, self.train.grad_clip, compute_grad_norm)
 
     def eval_forward(self, inputs: torch.Tensor) -> torch.Tensor:
         # Not through DDP: its forward would broadcast buffers (a collective) for every eval batch.

@@ -1,8 +1,8 @@
 """DeepSpeed ZeRO (stages 1, 2, 3) behind the same Strategy contract as DDP.
 
-The DeepSpeed JSON (`strategy.deepspeed_config`) is passed through as it is; dist_train sets only the keys
-it owns (micro batch, accumulation, global batch, clipping, bf16/fp16, ZeRO stage), fills DeepSpeed's
-"auto" values, and refuses a JSON value that contradicts its own config. Accumulation, loss scaling,
+The DeepSpeed JSON (`strategy.deepspeed.config`) is reconciled with dist_train's config on the config side
+(config/deepspeed_json.py); this module builds the engine from the result. DeepSpeed joins the process group
+dist_train made and is told the device dist_train chose (distributed/groups.py). Accumulation, loss scaling,
 clipping and the LR schedule's stepping are DeepSpeed's: `engine.backward` divides the loss by the
 accumulation steps and `engine.step` after every micro-batch advances its micro-step counter, updating
 the weights only at the boundary. Checkpoints are DeepSpeed's own sharded files inside the step directory
@@ -12,10 +12,9 @@ the Checkpointer hands out, plus dist_train's side state (progress, data positio
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ContextManager, Optional
 
@@ -24,116 +23,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..env import init_single_process_group
+from ..checkpoint.safe_load import refuse_code_in_pickles
+from ..config import BatchArithmetic, Config, ConfigError, upgrade_saved_config
+from ..config.deepspeed_json import build_deepspeed_config, load_user_config
+from ..distributed.groups import GroupNeeds, ProcessGroups, deepspeed_environment
 from ..errors import CheckpointError
-from ..config import BatchArithmetic, Config, ConfigError
-from ..pickle_scan import refuse_code_in_pickles
 from .base import StepResult, Strategy, autocast_dtype, check_precision_supported
 
 # DeepSpeed's files live in <step dir>/zero/ (its "tag"); one fixed tag so export and resume need no `latest` file.
 CHECKPOINT_TAG = "zero"
-
-
-# ---------------------------------------------------------------- the DeepSpeed config
-
-
-def load_user_config(path: str) -> dict:
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"strategy.deepspeed_config={path} does not exist; give a DeepSpeed JSON such as configs/deepspeed/zero2.json")
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"strategy.deepspeed_config={path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"strategy.deepspeed_config={path} must hold a JSON object, got {type(raw).__name__}")
-    return raw
-
-
-def build_deepspeed_config(cfg: Config, arithmetic: BatchArithmetic, user: Optional[dict] = None, source: str = "") -> dict:
-    """The user's JSON with dist_train's keys reconciled into it. `source` names the JSON in errors."""
-    ds = copy.deepcopy(user or {})
-    source = source or "the DeepSpeed config"
-    t, precision = cfg.train, cfg.train.precision
-    batch = (
-        f"train.global_batch_size={arithmetic.global_batch_size} / (train.micro_batch_size="
-        f"{arithmetic.micro_batch_size} x {arithmetic.world_size} ranks)"
-    )
-    owned = [
-        ("train_micro_batch_size_per_gpu", arithmetic.micro_batch_size, f"train.micro_batch_size={t.micro_batch_size}"),
-        ("gradient_accumulation_steps", arithmetic.grad_accum_steps, batch),
-        ("train_batch_size", arithmetic.global_batch_size, f"train.global_batch_size={t.global_batch_size}"),
-        ("gradient_clipping", float(t.grad_clip or 0.0), f"train.grad_clip={t.grad_clip}"),
-        ("bf16.enabled", precision == "bf16", f"train.precision={precision}"),
-        ("fp16.enabled", precision == "fp16", f"train.precision={precision}"),
-        ("zero_optimization.stage", cfg.strategy.zero_stage, f"strategy.zero_stage={cfg.strategy.zero_stage}"),
-    ]
-    for key, value, origin in owned:
-        _reconcile(ds, key, value, origin, source)
-
-    # A JSON optimizer/scheduler replaces dist_train's; its "auto" values come from optim.*.
-    o = cfg.optim
-    fills = {
-        "optimizer.params": {"lr": o.lr, "betas": list(o.betas), "weight_decay": o.weight_decay, "eps": 1e-8, "momentum": o.momentum},
-        "scheduler.params": {"warmup_num_steps": o.warmup_steps, "warmup_max_lr": o.lr, "warmup_min_lr": 0.0},
-    }
-    for section, values in fills.items():
-        params = _get(ds, section)
-        if isinstance(params, dict):
-            for name, value in values.items():
-                if params.get(name) == "auto":
-                    params[name] = value
-    leftover = _auto_keys(ds)
-    if leftover:
-        raise ConfigError(
-            f"{source} {leftover[0]}=auto: dist_train fills auto only for the batch sizes, accumulation, gradient_clipping, "
-            f"bf16/fp16, zero_optimization.stage and optimizer/scheduler lr, betas, eps, weight_decay, warmup; give {leftover[0]} a value"
-        )
-    if precision != "fp32" and hasattr(deepspeed.runtime.constants, "BUFFER_DTYPE"):
-        # DeepSpeed >= 0.18 casts only the parameters and leaves buffers fp32, so a BatchNorm (ResNet-18) gets
-        # bf16 weights with fp32 running stats and refuses to run; older DeepSpeed cast the whole module.
-        ds.setdefault("data_types", {}).setdefault("buffer_dtype", precision)
-    # dist_train hands ZeRO the user's torch optimizer (SGD included), which DeepSpeed otherwise refuses as "untested".
-    ds.setdefault("zero_allow_untested_optimizer", True)
-    return ds
-
-
-def _get(tree: dict, dotted: str) -> Any:
-    node: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def _reconcile(ds: dict, dotted: str, value: Any, origin: str, source: str) -> None:
-    *parents, leaf = dotted.split(".")
-    node = ds
-    for part in parents:
-        node = node.setdefault(part, {})
-    given = node.get(leaf, "auto")
-    if given == "auto" or _same(given, value):
-        node[leaf] = value
-        return
-    raise ConfigError(
-        f"{source} {dotted}={json.dumps(given)} but dist_train derives {json.dumps(value)} from {origin}; "
-        f"remove {dotted} from {source} or set it to \"auto\""
-    )
-
-
-def _same(given: Any, value: Any) -> bool:
-    if isinstance(value, bool) or isinstance(given, bool):
-        return given is value
-    if isinstance(given, (int, float)) and isinstance(value, (int, float)):
-        return float(given) == float(value)
-    return False
-
-
-def _auto_keys(tree: Any, prefix: str = "") -> list[str]:
-    if isinstance(tree, dict):
-        return [k for key, v in tree.items() for k in _auto_keys(v, f"{prefix}{key}.")]
-    return [prefix.rstrip(".")] if tree == "auto" else []
 
 
 # ---------------------------------------------------------------- the strategy
@@ -142,24 +40,37 @@ def _auto_keys(tree: Any, prefix: str = "") -> list[str]:
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
 
-    def __init__(self, cfg: Config, dist_env: Any, arithmetic: BatchArithmetic) -> None:
-        super().__init__(cfg, dist_env, arithmetic)
-        precision = cfg.train.precision
+    def __init__(self, *args: Any, ds_config: dict) -> None:
+        """`ds_config`: the reconciled DeepSpeed JSON (config/deepspeed_json.py)."""
+        super().__init__(*args)
+        precision = self.train.precision
         if precision == "fp16" and self.device.type != "cuda":
             raise ConfigError(
                 "train.precision=fp16 with strategy.name=deepspeed needs a GPU: DeepSpeed's CPU accelerator has no fp16 "
                 "loss-scaling path; set train.precision=bf16 or fp32"
             )
         check_precision_supported(precision, self.device)
-        if cfg.strategy.sync_batchnorm:
-            raise ConfigError("strategy.sync_batchnorm=true is a DDP option; with strategy.name=deepspeed set it to false")
-        path = cfg.strategy.deepspeed_config
-        user = load_user_config(path) if path else None
-        self.ds_config = build_deepspeed_config(cfg, arithmetic, user, source=path or "")
+        if self.settings.ddp.sync_batchnorm:
+            raise ConfigError("strategy.ddp.sync_batchnorm=true is a DDP option; with strategy.name=deepspeed set it to false")
+        self.ds_config = ds_config
+        if precision != "fp32" and hasattr(deepspeed.runtime.constants, "BUFFER_DTYPE"):
+            # DeepSpeed >= 0.18 casts only the parameters and leaves buffers fp32, so a BatchNorm (ResNet-18) gets
+            # bf16 weights with fp32 running stats and refuses to run; older DeepSpeed cast the whole module.
+            self.ds_config.setdefault("data_types", {}).setdefault("buffer_dtype", precision)
         self.engine: Any = None
         self._input_cast: Any = None  # the forward pre-hook casting inputs to bf16/fp16
-        self._own_process_group = False
         self._saved_environ: dict[str, Optional[str]] = {}
+
+    @classmethod
+    def from_config(cls, cfg: Config, groups: ProcessGroups, arithmetic: BatchArithmetic) -> "DeepSpeedStrategy":
+        path = cfg.strategy.deepspeed.config
+        user = load_user_config(path) if path else None
+        ds_config = build_deepspeed_config(cfg, arithmetic, user, source=path or "")
+        return cls(cfg.strategy, cfg.train, groups, arithmetic, ds_config=ds_config)
+
+    @classmethod
+    def group_needs(cls, cfg: Config) -> GroupNeeds:
+        return replace(super().group_needs(cfg), alone=True)  # DeepSpeed's engine needs a group even for one process
 
     # ------------------------------------------------------------ setup
 
@@ -197,23 +108,20 @@ class DeepSpeedStrategy(Strategy):
         self.engine = self.model = engine
         self.optimizer = ds_optimizer
         self.scheduler = ds_scheduler
-        compute_dtype = autocast_dtype(self.cfg.train.precision)
+        compute_dtype = autocast_dtype(self.train.precision)
         if compute_dtype is not None:
             self._input_cast = engine.module.register_forward_pre_hook(_cast_floating_inputs(compute_dtype))
 
     def _join_process_group(self) -> None:
-        """DeepSpeed must use the group dist_train already joined (gloo on CPU, NCCL on CUDA), never its own."""
-        env = self.dist_env
-        # DeepSpeedEngine asserts LOCAL_RANK in os.environ and logs from RANK; DistEnv is the truth (Slurm sets neither).
-        for key, value in {"LOCAL_RANK": env.local_rank, "RANK": env.global_rank, "WORLD_SIZE": env.world_size,
-                           "LOCAL_WORLD_SIZE": env.local_world_size}.items():
+        """DeepSpeed must use the group dist_train already joined (gloo on CPU, NCCL on CUDA), never its own, and
+        the device dist_train chose (it reads LOCAL_RANK from the environment: groups.deepspeed_environment)."""
+        for key, value in deepspeed_environment(self.dist_env).items():
             self._saved_environ.setdefault(key, os.environ.get(key))
-            os.environ[key] = str(value)
+            os.environ[key] = value
         if self.device.type == "cpu":
             # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce with g++ (minutes on first use) that
             # only its tensor-parallel inference layers call; training collectives go through torch.distributed.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        self._own_process_group = init_single_process_group(env)
         # With a group already initialised this wraps it (no MPI discovery, no second init_process_group).
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, dist_init_required=False, verbose=False)
 
@@ -259,8 +167,8 @@ class DeepSpeedStrategy(Strategy):
 
     checkpoint_format = "deepspeed"
 
-    def save_checkpoint(self, directory: Path) -> None:
-        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+    def save_checkpoint(self, directory: Path, background: bool = False) -> None:
+        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG)  # always synchronous (see checkpoint.async_save)
 
     def load_checkpoint(self, directory: Path, meta: dict) -> None:
         refuse_code_in_pickles(sorted((Path(directory) / CHECKPOINT_TAG).glob("*.pt")))  # DeepSpeed unpickles with weights_only=False
@@ -269,11 +177,13 @@ class DeepSpeedStrategy(Strategy):
                 f"checkpoint {directory} was written by strategy.name={meta.get('strategy')} (DCP), which DeepSpeed cannot load; "
                 f"resume it with strategy.name={meta.get('strategy')}, or `dist-train export` it and start from the weights (model.weights=...)"
             )
-        then_world, then_stage = meta.get("world_size"), meta.get("config", {}).get("strategy", {}).get("zero_stage")
-        if then_stage != self.cfg.strategy.zero_stage:
+        then_config = upgrade_saved_config(meta.get("config", {}))
+        then_world, then_stage = meta.get("world_size"), then_config.get("strategy", {}).get("deepspeed", {}).get("zero_stage")
+        now_stage = self.settings.deepspeed.zero_stage
+        if then_stage != now_stage:
             raise CheckpointError(
-                f"checkpoint {directory} was written with strategy.zero_stage={then_stage}, this run has "
-                f"strategy.zero_stage={self.cfg.strategy.zero_stage}; set strategy.zero_stage={then_stage}"
+                f"checkpoint {directory} was written with strategy.deepspeed.zero_stage={then_stage}, this run has "
+                f"strategy.deepspeed.zero_stage={now_stage}; set strategy.deepspeed.zero_stage={then_stage}"
             )
         if then_world != self.dist_env.world_size:
             raise CheckpointError(
@@ -294,7 +204,7 @@ class DeepSpeedStrategy(Strategy):
         keep = self.dist_env.is_main
         with gather:
             state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()} if keep else {}
-        if self.cfg.train.precision != "fp32":
+        if self.train.precision != "fp32":
             # The weights the module holds are bf16/fp16 copies; the optimizer's fp32 masters are the trained ones.
             for name, param in module.named_parameters():
                 master = deepspeed.utils.safe_get_full_fp32_param(param)  # collective under ZeRO
@@ -309,9 +219,6 @@ class DeepSpeedStrategy(Strategy):
         if self.engine is not None:
             self.engine.destroy()  # releases ZeRO-3's hooks and buffers
             self.engine = None
-        if self._own_process_group and dist.is_initialized():
-            dist.destroy_process_group()
-            self._own_process_group = False
         for key, value in self._saved_environ.items():
             if value is None:
                 os.environ.pop(key, None)

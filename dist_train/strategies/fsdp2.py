@@ -2,7 +2,7 @@
 
 Each natural block of the model is its own FSDP unit (torchvision's BasicBlock/Bottleneck, else every
 Linear/Conv layer), then the root: a unit's parameters are gathered just before its forward and (with
-`strategy.reshard_after_forward`) freed right after. The optimizer is built after sharding, over the DTensor
+`strategy.fsdp2.reshard_after_forward`) freed right after. The optimizer is built after sharding, over the DTensor
 parameters. bf16/fp16 run through FSDP's MixedPrecisionPolicy (parameters cast for compute, gradients
 reduced in fp32), not torch autocast; normalisation layers stay in fp32 (their own units), since BatchNorm's
 fp32 running statistics need fp32 inputs on CPU. Checkpoints are DCP with the same keys as DDP's, so either
@@ -12,13 +12,14 @@ resumes the other on any world size.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Any, ContextManager
 
 import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..env import init_single_process_group
+from ..distributed.groups import GroupNeeds
 from .base import StepResult, Strategy, autocast_dtype, check_precision_supported
 from .dcp import DCPCheckpointing
 from .ddp import scaled_backward, scaled_optimizer_step
@@ -39,30 +40,34 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
 class FSDP2Strategy(DCPCheckpointing, Strategy):
     name = "fsdp2"
 
-    def __init__(self, cfg: Any, dist_env: Any, arithmetic: Any) -> None:
-        super().__init__(cfg, dist_env, arithmetic)
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
         try:
             from torch.distributed.fsdp import fully_shard  # noqa: F401
         except ImportError:
             raise ConfigError(f"strategy.name=fsdp2 needs torch >= 2.6 (this is {torch.__version__}); use strategy.name=ddp") from None
-        check_precision_supported(cfg.train.precision, self.device)
-        if cfg.strategy.sync_batchnorm:
-            raise ConfigError("strategy.sync_batchnorm=true is a DDP option; with strategy.name=fsdp2 set it to false")
-        if cfg.strategy.cpu_offload and self.device.type != "cuda":
-            raise ConfigError("strategy.cpu_offload=true moves sharded parameters from the GPU to the CPU; this run is on the CPU already: set it to false")
+        check_precision_supported(self.train.precision, self.device)
+        if self.settings.ddp.sync_batchnorm:
+            raise ConfigError("strategy.ddp.sync_batchnorm=true is a DDP option; with strategy.name=fsdp2 set it to false")
+        if self.settings.fsdp2.cpu_offload and self.device.type != "cuda":
+            raise ConfigError("strategy.fsdp2.cpu_offload=true moves sharded parameters from the GPU to the CPU; this run is on the CPU already: set it to false")
+
+    @classmethod
+    def group_needs(cls, cfg: Any) -> GroupNeeds:
+        # fully_shard needs a group even for one process; CPU-offloaded shards are reduced as CPU tensors.
+        return replace(super().group_needs(cfg), alone=True, cpu_collectives=cfg.strategy.fsdp2.cpu_offload)
 
     # ------------------------------------------------------------ setup
 
     def setup_module(self, model: nn.Module) -> None:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-        self._own_process_group = init_single_process_group(self.dist_env)  # fully_shard needs a group, even of one
         model.to(self.device)
-        compute = autocast_dtype(self.cfg.train.precision)
+        compute = autocast_dtype(self.train.precision)
         policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute else MixedPrecisionPolicy()
         options = dict(
-            reshard_after_forward=self.cfg.strategy.reshard_after_forward,
-            offload_policy=CPUOffloadPolicy() if self.cfg.strategy.cpu_offload else OffloadPolicy(),
+            reshard_after_forward=self.settings.fsdp2.reshard_after_forward,
+            offload_policy=CPUOffloadPolicy() if self.settings.fsdp2.cpu_offload else OffloadPolicy(),
         )
         if compute is not None:
             norm_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
@@ -75,7 +80,7 @@ class FSDP2Strategy(DCPCheckpointing, Strategy):
         # The scaler's found-inf flag must agree over ranks that hold different gradient shards.
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-        self.scaler = ShardedGradScaler(self.device.type, enabled=self.cfg.train.precision == "fp16")
+        self.scaler = ShardedGradScaler(self.device.type, enabled=self.train.precision == "fp16")
         self._params = [p for p in model.parameters() if p.requires_grad]
 
     @property
@@ -98,18 +103,10 @@ class FSDP2Strategy(DCPCheckpointing, Strategy):
 
     def optimizer_step(self, compute_grad_norm: bool = True) -> StepResult:
         self.finish_staging()  # an asynchronous save may still be copying the parameters this step writes
-        return scaled_optimizer_step(self.optimizer, self.scaler, self._params, self.cfg.train.grad_clip, compute_grad_norm)
+        return scaled_optimizer_step(self.optimizer, self.scaler, self._params, self.train.grad_clip, compute_grad_norm)
 
     def local_parameters(self) -> list[torch.Tensor]:
         return [p.to_local() if hasattr(p, "to_local") else p for p in self._module.parameters()]
-
-    def teardown(self) -> None:
-        import torch.distributed as dist
-
-        super().teardown()
-        if getattr(self, "_own_process_group", False) and dist.is_initialized():
-            dist.destroy_process_group()
-            self._own_process_group = False
 
     # ------------------------------------------------------------ export
 

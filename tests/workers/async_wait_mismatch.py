@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from dist_train.config import load_config
-from dist_train.env import backend_for, destroy_process_group, detect_environment, init_process_group
+from dist_train.distributed.environment import detect_environment
+from dist_train.distributed.groups import GroupNeeds, ProcessGroups
 from dist_train.trainer import Trainer
 
 SMALL = ["model.name=two_layer_net", "data.source=random", "data.num_samples=64", "train.global_batch_size=16",
@@ -22,8 +23,8 @@ SMALL = ["model.name=two_layer_net", "data.source=random", "data.num_samples=64"
 def main() -> None:
     cfg = load_config(None, [*SMALL, f"output_dir={sys.argv[1]}"])
     dist_env = detect_environment()
-    init_process_group(dist_env, backend_for(dist_env, None), 20)
-    trainer = Trainer.build(cfg, dist_env)
+    groups = ProcessGroups.start(dist_env, GroupNeeds(alone=True, background_checkpoint=True), 20)
+    trainer = Trainer.build(cfg, groups)
     try:
         checkpointer = trainer.checkpointer
         checkpointer.save(1, trainer.stateful())
@@ -39,7 +40,7 @@ def main() -> None:
         print(f"rank {dist_env.global_rank}: wait and all_reduce agree", flush=True)
     finally:
         trainer.close()
-        destroy_process_group()
+        groups.teardown()
 
 
 if __name__ == "__main__":

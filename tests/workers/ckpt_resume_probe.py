@@ -14,7 +14,8 @@ import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from dist_train.config import load_config
-from dist_train.env import backend_for, destroy_process_group, detect_environment, init_process_group
+from dist_train.distributed.environment import detect_environment
+from dist_train.distributed.groups import GroupNeeds, ProcessGroups
 from dist_train.trainer import Trainer
 
 
@@ -22,10 +23,10 @@ def main() -> None:
     probe_dir, config, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
     cfg = load_config(config, overrides)
     dist_env = detect_environment()
-    init_process_group(dist_env, backend_for(dist_env, None), 120)
+    groups = ProcessGroups.start(dist_env, GroupNeeds(alone=True, background_checkpoint=True), 120)
     trainer = None
     try:
-        trainer = Trainer.build(cfg, dist_env)
+        trainer = Trainer.build(cfg, groups)
         path, _ = trainer.checkpointer.resume(cfg.train.resume, trainer.stateful())
         rng_after_load = torch.get_rng_state()
         model_state, optim_state = get_state_dict(trainer.strategy.unwrapped_model, trainer.strategy.optimizer)
@@ -53,7 +54,7 @@ def main() -> None:
     finally:
         if trainer is not None:
             trainer.close()
-        destroy_process_group()
+        groups.teardown()
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ from pathlib import Path
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from dist_train.config import load_config
-from dist_train.env import backend_for, destroy_process_group, detect_environment, init_process_group
-from dist_train.tracking import Tracker
+from dist_train.distributed.environment import detect_environment
+from dist_train.distributed.groups import GroupNeeds, ProcessGroups
+from dist_train.observe.tracking import Tracker
 from dist_train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,19 +30,19 @@ class RecordingTracker(Tracker):
         self.history.append((step, dict(metrics)))
 
 
-def build(preset: str, overrides: list[str], dist_env) -> Trainer:
+def build(preset: str, overrides: list[str], groups) -> Trainer:
     cfg = load_config(REPO / "configs" / preset, overrides)
-    return Trainer.build(cfg, dist_env)
+    return Trainer.build(cfg, groups)
 
 
 def main() -> None:
     mode, out, *overrides = sys.argv[1:]
     dist_env = detect_environment()
-    init_process_group(dist_env, backend_for(dist_env), 120)
+    groups = ProcessGroups.start(dist_env, GroupNeeds(alone=True, background_checkpoint=True), 120)
     result: dict = {"rank": dist_env.global_rank}
     try:
         if mode == "nosync":
-            trainer = build("mlp_digits.yaml", overrides, dist_env)
+            trainer = build("mlp_digits.yaml", overrides, groups)
             calls: list[int] = []
 
             def counting_hook(state, bucket):
@@ -54,7 +55,7 @@ def main() -> None:
         elif mode == "models":
             presets = ["linear_regression.yaml", "two_layer_net.yaml", "mlp_digits.yaml", "cnn_digits.yaml", "lenet_digits.yaml", "resnet18_digits.yaml"]
             for preset in presets:
-                trainer = build(preset, [f"output_dir={out}.{preset}", *overrides], dist_env)
+                trainer = build(preset, [f"output_dir={out}.{preset}", *overrides], groups)
                 tracker = RecordingTracker()
                 trainer.tracker = tracker
                 summary = trainer.fit()
@@ -63,7 +64,7 @@ def main() -> None:
         else:
             raise SystemExit(f"unknown mode {mode}")
     finally:
-        destroy_process_group()
+        groups.teardown()
     Path(f"{out}.rank{dist_env.global_rank}.json").write_text(json.dumps(result))
 
 

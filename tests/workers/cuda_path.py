@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from dist_train.config import load_config
-from dist_train.env import backend_for, destroy_process_group, detect_environment, init_process_group
+from dist_train.distributed.environment import detect_environment
+from dist_train.distributed.groups import GroupNeeds, ProcessGroups
 from dist_train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,14 +22,14 @@ def main() -> None:
     if mode != "full_model":
         raise SystemExit(f"unknown mode {mode}")
     dist_env = detect_environment()
-    init_process_group(dist_env, backend_for(dist_env), 120)
+    groups = ProcessGroups.start(dist_env, GroupNeeds(alone=True, background_checkpoint=True), 120)
     try:
-        trainer = Trainer.build(load_config(REPO / "configs" / "mlp_digits.yaml", ["data.source=digits", "train.progress_bar=false", *overrides]), dist_env)
+        trainer = Trainer.build(load_config(REPO / "configs" / "mlp_digits.yaml", ["data.source=digits", "train.progress_bar=false", *overrides]), groups)
         trainer.fit()  # writes model.pt from the main process's copy
         keys = sorted(trainer.strategy.full_model_state_dict())
         trainer.close()
     finally:
-        destroy_process_group()
+        groups.teardown()
     Path(f"{out}.rank{dist_env.global_rank}.json").write_text(json.dumps({"full_model_keys": keys}))
 
 

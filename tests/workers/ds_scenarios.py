@@ -16,19 +16,20 @@ from pathlib import Path
 import torch.distributed as dist
 
 from dist_train.config import load_config
-from dist_train.env import backend_for, destroy_process_group, detect_environment, init_process_group
-from dist_train.tracking import Tracker
+from dist_train.distributed.environment import detect_environment
+from dist_train.distributed.groups import GroupNeeds, ProcessGroups
+from dist_train.observe.tracking import Tracker
 from dist_train.trainer import Trainer, TrainingInterrupted
 
 REPO = Path(__file__).resolve().parents[2]
 # The in-memory digits (no prepared shards needed); 8 samples x 2 ranks x 2 accumulation steps; 44 steps per
 # epoch, so every stop below is mid-epoch.
 COMMON = ["data.source=digits", "train.global_batch_size=32", "train.micro_batch_size=8", "train.progress_bar=false", "train.log_interval=2"]
-JSON = {stage: f"strategy.deepspeed_config={REPO}/configs/deepspeed/zero{stage}.json" for stage in (1, 2, 3)}
+JSON = {stage: f"strategy.deepspeed.config={REPO}/configs/deepspeed/zero{stage}.json" for stage in (1, 2, 3)}
 
 
 def deepspeed(stage: int) -> list[str]:
-    return ["strategy.name=deepspeed", f"strategy.zero_stage={stage}", JSON[stage]]
+    return ["strategy.name=deepspeed", f"strategy.deepspeed.zero_stage={stage}", JSON[stage]]
 
 
 class StartRecorder(Tracker):
@@ -48,9 +49,9 @@ class StartRecorder(Tracker):
             self.grad_norms.append(metrics["train/grad_norm"])
 
 
-def fit(out: Path, name: str, overrides: list[str], dist_env, before_eval: bool = False) -> dict:
+def fit(out: Path, name: str, overrides: list[str], groups, before_eval: bool = False) -> dict:
     cfg = load_config(REPO / "configs" / "mlp_digits.yaml", [*COMMON, f"output_dir={out / name}", *overrides])
-    trainer = Trainer.build(cfg, dist_env)
+    trainer = Trainer.build(cfg, groups)
     trainer.tracker = recorder = StartRecorder()
     result: dict = {}
     try:
@@ -66,15 +67,15 @@ def fit(out: Path, name: str, overrides: list[str], dist_env, before_eval: bool 
 def main() -> None:
     out = Path(sys.argv[1])
     dist_env = detect_environment()
-    init_process_group(dist_env, backend_for(dist_env), 120)
+    groups = ProcessGroups.start(dist_env, GroupNeeds(alone=True, background_checkpoint=True), 120)
     results: dict = {}
     try:
         # ZeRO 1/2/3 against DDP on the same samples (SGD with momentum: optimizer state is partitioned too;
         # the logged gradient norms are ~0.75-1, so clipping at 0.5 acts on every step).
         match = ["train.max_steps=4", "checkpoint.save_at_end=false", "train.grad_clip=0.5"]
-        results["ddp"] = fit(out, "ddp", match, dist_env)
+        results["ddp"] = fit(out, "ddp", match, groups)
         for stage in (1, 2, 3):
-            results[f"zero{stage}"] = fit(out, f"zero{stage}", [*match, *deepspeed(stage)], dist_env)
+            results[f"zero{stage}"] = fit(out, f"zero{stage}", [*match, *deepspeed(stage)], groups)
         # The optimizer defined by the JSON instead of dist_train's, its lr/momentum "auto"-filled from optim.*.
         json_optimizer = out / "zero2_sgd.json"
         if dist_env.is_main:
@@ -83,23 +84,23 @@ def main() -> None:
             json_optimizer.write_text(json.dumps(config))
         dist.barrier()  # the file exists before any rank reads it
         results["zero2_json_optimizer"] = fit(
-            out, "zero2_json_optimizer", [*match, *deepspeed(2), f"strategy.deepspeed_config={json_optimizer}"], dist_env
+            out, "zero2_json_optimizer", [*match, *deepspeed(2), f"strategy.deepspeed.config={json_optimizer}"], groups
         )
 
         # bf16 under ZeRO-2 (DeepSpeed's bf16 weights with fp32 masters).
         results["zero2_bf16"] = fit(
-            out, "zero2_bf16", ["train.max_steps=12", "checkpoint.save_at_end=false", "train.precision=bf16", *deepspeed(2)], dist_env, before_eval=True
+            out, "zero2_bf16", ["train.max_steps=12", "checkpoint.save_at_end=false", "train.precision=bf16", *deepspeed(2)], groups, before_eval=True
         )
 
         # Resume mid-epoch: uninterrupted 6 steps vs stopped at 3 (as a preemption would) + resumed. A cosine
         # schedule with warmup and SGD momentum make the scheduler and optimizer state matter.
         resume = ["train.max_steps=6", "optim.schedule=cosine", "optim.warmup_steps=2"]
         for stage in (2, 3):
-            results[f"resume{stage}_full"] = fit(out, f"resume{stage}_full", [*resume, *deepspeed(stage)], dist_env)
-            results[f"resume{stage}_stopped"] = fit(out, f"resume{stage}_split", [*resume, *deepspeed(stage), "train.stop_at_step=3"], dist_env)
-            results[f"resume{stage}_resumed"] = fit(out, f"resume{stage}_split", [*resume, *deepspeed(stage), "train.resume=auto"], dist_env)
+            results[f"resume{stage}_full"] = fit(out, f"resume{stage}_full", [*resume, *deepspeed(stage)], groups)
+            results[f"resume{stage}_stopped"] = fit(out, f"resume{stage}_split", [*resume, *deepspeed(stage), "train.stop_at_step=3"], groups)
+            results[f"resume{stage}_resumed"] = fit(out, f"resume{stage}_split", [*resume, *deepspeed(stage), "train.resume=auto"], groups)
     finally:
-        destroy_process_group()
+        groups.teardown()
     if dist_env.is_main:
         (out / "results.json").write_text(json.dumps(results, indent=2))
 

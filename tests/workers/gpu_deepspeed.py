@@ -11,16 +11,14 @@ scenario that raises is recorded as its error and the next one still runs.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import traceback
 from pathlib import Path
 
-import torch.distributed as dist
-
 from dist_train.config import load_config
-from dist_train.env import backend_for, detect_environment
-from dist_train.tracking import Tracker
+from dist_train.distributed.environment import detect_environment
+from dist_train.distributed.groups import GroupNeeds, ProcessGroups
+from dist_train.observe.tracking import Tracker
 from dist_train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,12 +27,12 @@ COMMON = ["data.source=digits", "train.global_batch_size=32", "train.micro_batch
           "train.log_interval=5", "checkpoint.save_at_end=false", "strategy.name=deepspeed"]
 SCENARIOS = {
     **{
-        f"zero{stage}_{precision}": ("mlp_digits.yaml", [f"strategy.zero_stage={stage}", f"strategy.deepspeed_config={REPO}/configs/deepspeed/zero{stage}.json",
+        f"zero{stage}_{precision}": ("mlp_digits.yaml", [f"strategy.deepspeed.zero_stage={stage}", f"strategy.deepspeed.config={REPO}/configs/deepspeed/zero{stage}.json",
                                                          f"train.precision={precision}", "train.max_steps=30"])
         for stage in (2, 3)
         for precision in ("fp16", "bf16")
     },
-    "zero2_bf16_resnet18": ("resnet18_digits.yaml", ["strategy.zero_stage=2", "train.precision=bf16", "train.max_steps=10"]),
+    "zero2_bf16_resnet18": ("resnet18_digits.yaml", ["strategy.deepspeed.zero_stage=2", "train.precision=bf16", "train.max_steps=10"]),
 }
 
 
@@ -47,15 +45,9 @@ class LossRecorder(Tracker):
             self.losses.append(metrics["train/loss"])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(out: Path, name: str, preset: str, overrides: list[str], dist_env) -> dict:
+def run(out: Path, name: str, preset: str, overrides: list[str], groups) -> dict:
     cfg = load_config(REPO / "configs" / preset, [*COMMON, f"output_dir={out / name}", *overrides])
-    trainer = Trainer.build(cfg, dist_env)
+    trainer = Trainer.build(cfg, groups)
     trainer.tracker = recorder = LossRecorder()
     try:
         initial = trainer.evaluate()
@@ -68,15 +60,15 @@ def run(out: Path, name: str, preset: str, overrides: list[str], dist_env) -> di
 def main() -> None:
     out = Path(sys.argv[1])
     dist_env = detect_environment()
-    dist.init_process_group(backend_for(dist_env), init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    groups = ProcessGroups.start(dist_env, GroupNeeds(alone=True))
     results: dict = {}
     for name, (preset, overrides) in SCENARIOS.items():
         try:
-            results[name] = run(out, name, preset, [*overrides, *sys.argv[2:]], dist_env)
+            results[name] = run(out, name, preset, [*overrides, *sys.argv[2:]], groups)
         except Exception as e:  # recorded; the test names the scenario and shows this
             results[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
         print(f"{name}: {'error' if 'error' in results[name] else 'done'}", flush=True)
-    dist.destroy_process_group()
+    groups.teardown()
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
 

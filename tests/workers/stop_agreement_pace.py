@@ -9,15 +9,16 @@ usage: stop_agreement_pace.py
 
 import torch.distributed as dist
 
-from dist_train.env import backend_for, destroy_process_group, detect_environment, init_process_group
-from dist_train.signals import StopAgreement
+from dist_train.distributed.environment import detect_environment
+from dist_train.distributed.groups import GroupNeeds, ProcessGroups
+from dist_train.supervise.signals import StopAgreement
 
 
 def main() -> None:
     dist_env = detect_environment()
-    init_process_group(dist_env, backend_for(dist_env, None), 20)
+    groups = ProcessGroups.start(dist_env, GroupNeeds(alone=True, background_checkpoint=True), 20)
     try:
-        agreement = StopAgreement(dist_env, poll_seconds=0.5)
+        agreement = StopAgreement(groups.control, poll_seconds=0.5)
         agreement.pace(0.01)  # what the trainer tells it at a log step: the slowest rank's seconds per step
         requested = False
         agreed_at = None
@@ -31,7 +32,7 @@ def main() -> None:
         dist.all_gather_object(agreed, agreed_at)
         print(f"rank {dist_env.global_rank}: every={every} agreed_at={agreed}", flush=True)
     finally:
-        destroy_process_group()
+        groups.teardown()
 
 
 if __name__ == "__main__":

@@ -11,15 +11,16 @@ import sys
 from pathlib import Path
 
 from dist_train.config import load_config
-from dist_train.env import backend_for, destroy_process_group, detect_environment, init_process_group
+from dist_train.distributed.environment import detect_environment
+from dist_train.distributed.groups import GroupNeeds, ProcessGroups
 from dist_train.trainer import Trainer, TrainingInterrupted
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # models and data given by import path from tests/ (tests.nets:...)
 
 
-def run(preset: str, overrides: list[str], dist_env) -> None:
-    trainer = Trainer.build(load_config(REPO / "configs" / preset, overrides), dist_env)
+def run(preset: str, overrides: list[str], groups) -> None:
+    trainer = Trainer.build(load_config(REPO / "configs" / preset, overrides), groups)
     try:
         trainer.fit()
     except TrainingInterrupted:
@@ -31,16 +32,16 @@ def run(preset: str, overrides: list[str], dist_env) -> None:
 def main() -> None:
     out, preset, stop_step, strategies, *overrides = sys.argv[1:]
     dist_env = detect_environment()
-    init_process_group(dist_env, backend_for(dist_env), 120)
+    groups = ProcessGroups.start(dist_env, GroupNeeds(alone=True, background_checkpoint=True), 120)
     try:
         for name in strategies.split(","):
             common = [*overrides, f"strategy.name={name}", "train.progress_bar=false"]
-            run(preset, [*common, f"output_dir={out}/{name}-straight"], dist_env)
+            run(preset, [*common, f"output_dir={out}/{name}-straight"], groups)
             resumed = [*common, f"output_dir={out}/{name}-resumed", "train.resume=auto"]
-            run(preset, [*resumed, f"train.stop_at_step={stop_step}"], dist_env)
-            run(preset, resumed, dist_env)
+            run(preset, [*resumed, f"train.stop_at_step={stop_step}"], groups)
+            run(preset, resumed, groups)
     finally:
-        destroy_process_group()
+        groups.teardown()
 
 
 if __name__ == "__main__":

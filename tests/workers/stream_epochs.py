@@ -15,7 +15,7 @@ import torch
 
 from dist_train.config import batch_arithmetic, load_config
 from dist_train.data.streaming import build_streaming
-from dist_train.env import detect_environment
+from dist_train.distributed.environment import detect_environment
 from dist_train.models import model_spec
 
 

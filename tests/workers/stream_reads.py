@@ -21,18 +21,20 @@ import torch.distributed as dist
 from dist_train.config import batch_arithmetic, load_config
 from dist_train.data.shards import DataError
 from dist_train.data.streaming import build_streaming
-from dist_train.env import detect_environment
+from dist_train.distributed.groups import ProcessGroups
+from dist_train.distributed.environment import detect_environment
 from dist_train.models import model_spec
 
 
-def one_epoch(root: Path, name: str, dist_env, skip: bool) -> dict:
+def one_epoch(root: Path, name: str, groups, skip: bool) -> dict:
+    dist_env = groups.dist_env
     # The loader needs only the model's input shape and task: a 6-feature classifier for the vector set.
     model = ["model.name=torch.nn:Identity", "model.input_shape=[6]", "model.task=classification"] if name == "nan" else ["model.name=mlp"]
     cfg = load_config(None, [
         *model, "data.source=shards", f"data.path={root / name}", "train.seed=3", "train.global_batch_size=20",
         "train.micro_batch_size=5", "data.shuffle_window=16", "data.num_workers=2", f"data.skip_bad_samples={str(skip).lower()}",
     ])
-    data = build_streaming(cfg, model_spec(cfg.model), batch_arithmetic(cfg.train, dist_env.world_size), dist_env)
+    data = build_streaming(cfg, model_spec(cfg.model), batch_arithmetic(cfg.train, dist_env.world_size), dist_env, groups.control)
     result: dict = {"steps": 0, "samples": 0, "kept": []}
     last_step_at = time.monotonic()
     try:
@@ -51,14 +53,14 @@ def one_epoch(root: Path, name: str, dist_env, skip: bool) -> dict:
 
 def main(root: str, out_dir: str, names: str) -> None:
     dist_env = detect_environment()
-    dist.init_process_group("gloo")
+    groups = ProcessGroups.start(dist_env)
     record = {}
     for name in names.split(","):
-        record[name] = one_epoch(Path(root), name, dist_env, skip=False)
+        record[name] = one_epoch(Path(root), name, groups, skip=False)
         if name != "clean":
-            record[f"{name}-skipped"] = one_epoch(Path(root), name, dist_env, skip=True)
+            record[f"{name}-skipped"] = one_epoch(Path(root), name, groups, skip=True)
     Path(out_dir, f"rank-{dist_env.global_rank}.json").write_text(json.dumps(record))
-    dist.destroy_process_group()
+    groups.teardown()
 
 
 if __name__ == "__main__":

@@ -26,9 +26,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import Config, ConfigError
-from .env import DistEnv, broadcast_from_main
-from .files import atomic_write
+from ..config import Config, ConfigError
+from ..distributed.groups import ProcessGroups
+from ..files import atomic_write
 from .resume_semantics import fingerprint
 
 RUN_FILE = "run.json"
@@ -81,7 +81,8 @@ class RunDirectory:
         self._lock_fd = lock_fd
 
     @classmethod
-    def open(cls, cfg: Config, dist_env: DistEnv) -> "RunDirectory":
+    def open(cls, cfg: Config, groups: ProcessGroups) -> "RunDirectory":
+        dist_env = groups.dist_env
         path = Path(cfg.output_dir)
         lock_fd = None
         decision: Any
@@ -93,7 +94,7 @@ class RunDirectory:
                 decision = ("error", str(e))
         else:
             decision = None
-        decision = broadcast_from_main(decision, dist_env)
+        decision = groups.broadcast_from_main(decision)
         if isinstance(decision, tuple):
             raise ConfigError(decision[1])
         return cls(path, decision, lock_fd)

@@ -25,9 +25,9 @@ import time
 from types import FrameType
 from typing import Any, Optional
 
-from .config import ConfigError
-from .env import DistEnv
-from .errors import EXIT_INTERRUPTED
+from ..config import ConfigError
+from ..distributed.environment import DistEnv
+from ..errors import EXIT_INTERRUPTED
 
 _UNCATCHABLE = {"SIGKILL", "SIGSTOP"}
 
@@ -124,7 +124,7 @@ def finish_interrupted(reason: BaseException, dist_env: DistEnv, preempted: bool
     import torch
     import torch.distributed as dist
 
-    from .errors import EXIT_OK
+    from ..errors import EXIT_OK
 
     grouped = dist.is_available() and dist.is_initialized()
     if grouped:
@@ -149,8 +149,8 @@ class StopAgreement:
     """All ranks agree on a stop request at the same optimizer step, soon after it arrived, without a host
     sync per step.
 
-    At every `every`-th step boundary each rank starts an asynchronous MAX all-reduce of its stop flag on a
-    gloo group of its own (CPU tensors: no device sync, even under NCCL) and waits for the one it started at
+    At every `every`-th step boundary each rank starts an asynchronous MAX all-reduce of its stop flag on the
+    control group (gloo, distributed/groups.py: CPU tensors, no device sync, even under NCCL) and waits for the one it started at
     the previous such boundary, which has long finished (DDP keeps ranks within one step of each other).
     Every rank reads the same result at the same boundary, so all stop at the same step. `every` follows the
     step time (`pace`, told at log steps with a value every rank shares), so the flag crosses the network
@@ -159,12 +159,13 @@ class StopAgreement:
     (Measured on 2 gloo ranks with 1 thread each: a call costs 0.02-0.5 ms of the loop's time, which every
     step paid when it polled every step.)"""
 
-    def __init__(self, dist_env: DistEnv, poll_seconds: float = 0.5, max_every: int = 1000) -> None:
+    def __init__(self, control_group: Any, poll_seconds: float = 0.5, max_every: int = 1000) -> None:
+        """`control_group`: ProcessGroups.control (None for one process: a stop needs no agreement)."""
         import torch
         import torch.distributed as dist
 
         self._torch, self._dist = torch, dist
-        self.group = dist.new_group(backend="gloo") if dist_env.distributed and dist.is_initialized() else None
+        self.group = control_group
         self.poll_seconds = poll_seconds
         self.max_every = max_every
         self.every = 1  # until the first log step tells the pace

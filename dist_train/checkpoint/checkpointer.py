@@ -38,10 +38,10 @@ from typing import Any, Optional
 
 import torch
 
-from .config import Config, ConfigError
-from .env import DistEnv
-from .errors import CheckpointError
-from .files import atomic_write, fsync_dir, write_synced
+from ..config import Config, ConfigError
+from ..distributed.environment import DistEnv
+from ..errors import CheckpointError
+from ..files import atomic_write, fsync_dir, fsync_tree, write_synced
 from .lineage import ResumePlan, RunInfo
 from .resume_semantics import resume_changes
 
@@ -301,13 +301,15 @@ class Checkpointer:
         meta = self._meta(step, extra_state)  # progress as of this step, before training moves on
         # Side files first: once the backend's (possibly background) write completes, everything is on disk.
         save_side_state(tmp, extra_state, self.dist_env)
-        future = self.strategy.save_checkpoint(tmp)
+        future = self.strategy.save_checkpoint(tmp, background=self.cfg.checkpoint.async_save)
         self.last_saved_step = step
         self.last_save_time = time.monotonic()
         if future is not None:
             self._pending = _PendingSave(future, step, tmp, final, meta)
             return final
-        # Every rank's files are written once all ranks pass this barrier; only then may the marker appear.
+        # Every rank's files are on disk once all ranks pass this barrier (each synced what it sees: a backend
+        # may not sync its own); only then may the marker appear.
+        fsync_tree(tmp)
         self.strategy.barrier()
         if self.dist_env.is_main:
             self._finalize(tmp, final, meta)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .runlog import METRICS_FILE, read_history
+from .tracking import METRICS_FILE, read_history
 
 PLOT_FILE = "curves.png"
 
@@ -44,7 +44,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
         path = Path(run)
         rows = read_history(path)
         if not rows:
-            from .config import ConfigError
+            from ..config import ConfigError
 
             raise ConfigError(f"{path} has no metrics history ({path / METRICS_FILE if path.is_dir() else path} is missing or empty); give a dist_train output_dir")
         label = path.resolve().name if path.is_dir() else path.resolve().parent.name

@@ -29,11 +29,10 @@ import sys
 import threading
 import time
 import traceback
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import EXIT_RETRY
+from ..errors import EXIT_RETRY
 
 # Ordered as they happen within one optimizer step; boundary work (log, eval, checkpoint) belongs to the
 # step just completed, so (step, order) sorts ranks by how far they got.
@@ -94,6 +93,7 @@ class Watchdog:
         self._thread: Optional[threading.Thread] = None
         self._beat = 0
         self.last_checkpoint_step: Optional[int] = None
+        self.run_ended = False  # every rank finished together: a store that goes away is a peer that is done
 
     # ------------------------------------------------------------ the loop's side (cheap)
 
@@ -139,7 +139,7 @@ class Watchdog:
                     self._on_hang()
                     return
         except Exception as e:  # the store stopped answering: its host (rank 0's) is gone or stopped
-            if self._stop.is_set():
+            if self._stop.is_set() or self.run_ended:
                 return
             self._lost_store(e)
 
@@ -278,27 +278,23 @@ def hang_report(peers: dict[int, dict], reason: dict, directory: Path, last_chec
     return "\n".join(lines)
 
 
-def start_watchdog(cfg: Any, dist_env: Any) -> Optional[Watchdog]:
-    """A started Watchdog on every rank of a multi-process job, or None (one process, or turned off)."""
-    if cfg.strategy.hang_timeout_seconds <= 0 or not dist_env.distributed:
+def start_watchdog(settings: Any, output_dir: str, groups: Any) -> Optional[Watchdog]:
+    """A started Watchdog on every rank of a multi-process job, or None (one process, or turned off).
+    `settings`: the strategy section (its timeouts); `groups`: ProcessGroups, whose rendezvous store carries
+    the heartbeats."""
+    if settings.hang_timeout_seconds <= 0 or not groups.dist_env.distributed:
         return None
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
+    store = groups.rendezvous_store(timeout_seconds=max(settings.hang_timeout_seconds, 10.0))
+    if store is None:
         return None
-    store = dist.distributed_c10d._get_default_store()
-    try:
-        store = store.clone()  # a connection of its own: the main thread may be using the store
-    except (AttributeError, RuntimeError):
-        pass
-    store.set_timeout(timedelta(seconds=max(cfg.strategy.hang_timeout_seconds, 10.0)))
+    dist_env = groups.dist_env
     watchdog = Watchdog(
         store,
         dist_env.global_rank,
         dist_env.world_size,
-        Path(cfg.output_dir),
-        cfg.strategy.hang_timeout_seconds,
-        cfg.strategy.startup_timeout_seconds,
+        Path(output_dir),
+        settings.hang_timeout_seconds,
+        settings.startup_timeout_seconds,
         attempt=dist_env.restart_count,
         is_cuda=dist_env.device.startswith("cuda"),
     )

@@ -18,7 +18,7 @@ import hashlib
 import json
 from typing import Any
 
-from .config import Config, ConfigError, all_keys
+from ..config import Config, ConfigError, all_keys, upgrade_saved_config
 
 APPLIED, REPLANNED, REFUSED = "applied", "replanned", "refused"
 
@@ -60,7 +60,7 @@ RESUME_SEMANTICS: dict[str, tuple[str, str]] = {
     "train": (APPLIED, ""),  # eval/log intervals, resume, start_over, stop_at_step, progress bar, deterministic, signal
     "checkpoint": (APPLIED, ""),
     "strategy.name": (APPLIED, "DDP and FSDP2 checkpoints are both DCP and load into each other; DeepSpeed's are refused by name"),
-    "strategy.zero_stage": (REFUSED, "the checkpoint holds partitions of this ZeRO stage"),
+    "strategy.deepspeed.zero_stage": (REFUSED, "the checkpoint holds partitions of this ZeRO stage"),
     "strategy": (APPLIED, ""),
     "tracking": (APPLIED, ""),
     "output_dir": (APPLIED, ""),
@@ -100,7 +100,7 @@ def fingerprint(cfg: Config) -> str:
 def resume_changes(saved_config: dict, cfg: Config, source: str) -> list[str]:
     """Lines describing each key that differs from the checkpoint's config (applied or replanned);
     ConfigError naming the key and both values for the first refused one. `source` names the checkpoint."""
-    then, now = _flatten(saved_config), _flatten(cfg.to_dict())
+    then, now = _flatten(upgrade_saved_config(saved_config)), _flatten(cfg.to_dict())
     lines = []
     for key in all_keys():
         if key not in then or then[key] == now.get(key) or key in INVOCATION_KEYS:

@@ -8,6 +8,7 @@ them as one line and exits 2.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -106,18 +107,33 @@ class CheckpointConfig:
 
 
 @dataclass
+class DDPConfig:
+    find_unused_parameters: bool = _f(False, "set when some parameters get no gradient in a step")
+    sync_batchnorm: bool = _f(False, "on CUDA: BatchNorm statistics over the whole global micro-batch (SyncBatchNorm) instead of per rank")
+
+
+@dataclass
+class FSDP2Config:
+    reshard_after_forward: bool = _f(True, "free each block's gathered parameters after its forward (less memory, one more all-gather in backward)")
+    cpu_offload: bool = _f(False, "on CUDA: keep sharded parameters, gradients and optimizer state in CPU memory")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = _f(2, "ZeRO stage 1, 2 or 3")
+    config: Optional[str] = _f(None, "DeepSpeed JSON passed through (configs/deepspeed/*.json)")
+
+
+@dataclass
 class StrategyConfig:
-    name: str = _f("ddp", "ddp (also plain single process), fsdp2 (torch's fully_shard) or deepspeed")
-    backend: Optional[Literal["nccl", "gloo"]] = _f(None, "process group backend; default nccl on CUDA, gloo on CPU")
+    name: Literal["ddp", "fsdp2", "deepspeed"] = _f("ddp", "ddp (also plain single process), fsdp2 (torch's fully_shard) or deepspeed; each has its own section below")
+    backend: Optional[Literal["nccl", "gloo"]] = _f(None, "process group backend; default nccl on CUDA (with cpu:gloo beside it where CPU tensors are reduced), gloo on CPU")
     timeout_seconds: float = _f(1800.0, "collective timeout: a rank that stops answering fails the job after this")
     hang_timeout_seconds: float = _f(300.0, "a rank that makes no progress this long once training is steady is named (rank, step, phase, stack) and the job exits 75 to retry from the newest checkpoint; 0 turns the watchdog off")
     startup_timeout_seconds: float = _f(900.0, "the same limit for start-up, the first optimizer step, evaluation, checkpoint saves and the end of the run")
-    find_unused_parameters: bool = _f(False, "DDP: set when some parameters get no gradient in a step")
-    sync_batchnorm: bool = _f(False, "DDP on CUDA: BatchNorm statistics over the whole global micro-batch (SyncBatchNorm) instead of per rank")
-    reshard_after_forward: bool = _f(True, "fsdp2: free each block's gathered parameters after its forward (less memory, one more all-gather in backward)")
-    cpu_offload: bool = _f(False, "fsdp2 on CUDA: keep sharded parameters, gradients and optimizer state in CPU memory")
-    zero_stage: int = _f(2, "deepspeed: ZeRO stage 1, 2 or 3")
-    deepspeed_config: Optional[str] = _f(None, "deepspeed: JSON config passed through (configs/deepspeed/*.json)")
+    ddp: DDPConfig = _section(DDPConfig, "strategy.name=ddp")
+    fsdp2: FSDP2Config = _section(FSDP2Config, "strategy.name=fsdp2")
+    deepspeed: DeepSpeedConfig = _section(DeepSpeedConfig, "strategy.name=deepspeed")
 
 
 @dataclass
@@ -223,7 +239,37 @@ def _apply_override(raw: dict, item: str) -> None:
 
 RENAMED_KEYS = {
     "data.shuffle_buffer": "data.shuffle_window (the same number: a fixed block of the stream shuffled in place, not a sampling buffer)",
+    # Each strategy has its own section since the process-groups issue (#21).
+    "strategy.find_unused_parameters": "strategy.ddp.find_unused_parameters",
+    "strategy.sync_batchnorm": "strategy.ddp.sync_batchnorm",
+    "strategy.reshard_after_forward": "strategy.fsdp2.reshard_after_forward",
+    "strategy.cpu_offload": "strategy.fsdp2.cpu_offload",
+    "strategy.zero_stage": "strategy.deepspeed.zero_stage",
+    "strategy.deepspeed_config": "strategy.deepspeed.config",
 }
+
+
+def upgrade_saved_config(raw: dict) -> dict:
+    """A config recorded by an older dist_train (a checkpoint's meta.json) with its renamed keys moved to
+    where they live now, so a resume compares like with like; the argument is not changed."""
+    tree = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for old, new in RENAMED_KEYS.items():
+        new_key = new.split(" ", 1)[0]
+        *old_parents, old_leaf = old.split(".")
+        parent = tree
+        for part in old_parents:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or old_leaf not in parent:
+            continue
+        value = parent.pop(old_leaf)
+        *new_parents, new_leaf = new_key.split(".")
+        node = tree
+        for part in new_parents:
+            child = node.get(part)
+            node[part] = child = dict(child) if isinstance(child, dict) else {}
+            node = child
+        node.setdefault(new_leaf, value)
+    return tree
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -239,7 +285,9 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         if key in RENAMED_KEYS:
             raise ConfigError(f"config key '{key}' was renamed: use {RENAMED_KEYS[key]}")
         known = ", ".join(prefix + k for k in fields)
-        raise ConfigError(f"unknown config key '{key}'; known keys here: {known}")
+        nearest = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
+        hint = f"did you mean {nearest[0]}? " if nearest else ""
+        raise ConfigError(f"unknown config key '{key}'; {hint}known keys here: {known}")
     values = {}
     for name, value in raw.items():
         values[name] = _coerce(hints[name], value, prefix + name)
@@ -327,12 +375,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.test_fraction must be between 0 and 1, got {cfg.data.test_fraction}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
-    from .strategies import STRATEGIES  # the registry: a new backend is known by its registration line
-
-    if cfg.strategy.name not in STRATEGIES:
-        raise ConfigError(f"strategy.name={cfg.strategy.name!r} is not allowed; set strategy.name to one of: {' | '.join(STRATEGIES)}")
-    if cfg.strategy.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"strategy.zero_stage must be 1, 2 or 3, got {cfg.strategy.zero_stage}")
+    if cfg.strategy.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"strategy.deepspeed.zero_stage must be 1, 2 or 3, got {cfg.strategy.deepspeed.zero_stage}")
     if t.max_consecutive_skipped_steps < 1:
         raise ConfigError(f"train.max_consecutive_skipped_steps must be at least 1, got {t.max_consecutive_skipped_steps}")
     if cfg.checkpoint.keep_latest < 1:

@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .errors import EXIT_DIVERGED  # noqa: F401 (defined with the other exit codes)
+from ..errors import EXIT_DIVERGED  # noqa: F401 (defined with the other exit codes)
 
 
 class TrainingDiverged(RuntimeError):

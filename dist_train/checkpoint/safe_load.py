@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 _STORAGES = {f"{kind}Storage" for kind in ("Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool", "ComplexFloat", "ComplexDouble")}
 _DTYPES = {"float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool", "complex64", "complex128"}

@@ -2,8 +2,8 @@
 
 `detect_environment()` asks small detector classes, in a fixed order, which engine started this process and
 turns the answer into one frozen `DistEnv`. Nothing else in dist_train reads os.environ for rank or world
-size, restart counts or the settings `accelerate launch` exports; `reconcile_launcher_settings` checks the
-latter against the config. The first detector whose variables are all present decides:
+size, restart counts or the settings `accelerate launch` exports (config/accelerate.py folds the latter into
+the config). The first detector whose variables are all present decides:
 
   accelerate > torchrun > Open MPI > MPICH/Intel MPI > Slurm srun > Kubeflow PyTorchJob > Kubeflow TrainJob
   > SkyPilot > plain
@@ -25,13 +25,9 @@ import socket
 import subprocess
 import zlib
 from dataclasses import dataclass, replace
-from datetime import timedelta
-from typing import TYPE_CHECKING, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
-
-if TYPE_CHECKING:
-    from .config import Config
 
 
 class LaunchError(RuntimeError):
@@ -53,6 +49,7 @@ class DistEnv:
     slurm_job_id: Optional[str] = None  # set inside any Slurm job (batch script, srun step, torchrun under srun)
     restart_count: int = 0  # torchrun's elastic restarts or Slurm requeues of this job so far
     accelerate: Optional["AccelerateSettings"] = None  # what `accelerate launch` exported from its config
+    torchrun_store: bool = False  # torchrun's agent serves the rendezvous store: join it with env://
 
     @property
     def is_main(self) -> bool:
@@ -232,6 +229,7 @@ class TorchElasticEnvironment(_Detector):
             num_nodes=max(world_size // max(local_world_size, 1), 1),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=_int(env, "MASTER_PORT", 29500),
+            torchrun_store=True,
         )
 
 
@@ -662,135 +660,3 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-# ---------------------------------------------------------------- launcher settings vs the config
-
-
-def reconcile_launcher_settings(cfg: "Config", dist_env: DistEnv, explicit_keys: "set[str] | frozenset[str]") -> list[str]:
-    """Fold what `accelerate launch` set into `cfg` (in place); returns one line per value taken from it.
-
-    A key the preset or an override set explicitly must agree with accelerate's value; a disagreement is a
-    ConfigError naming both, never a silent override either way. A key left at its default takes
-    accelerate's value; a value accelerate did not export leaves the config alone.
-    """
-    from .config import ConfigError, batch_arithmetic
-
-    settings = dist_env.accelerate
-    if settings is None:
-        return []
-    if settings.use_fsdp and settings.fsdp_version != 2:
-        raise ConfigError(
-            f"accelerate's config enables FSDP version {settings.fsdp_version or 1}, which dist_train does not run; set "
-            "fsdp_version: 2 in it (configs/accelerate/fsdp2.yaml) for strategy.name=fsdp2"
-        )
-    taken: list[str] = []
-
-    def take(key: str, accelerate_name: str, accelerate_value: object, current: object, apply) -> None:
-        if accelerate_value is None or accelerate_value == current:
-            return
-        if key in explicit_keys:
-            raise ConfigError(
-                f"accelerate's config sets {accelerate_name}={accelerate_value} but the dist_train config sets "
-                f"{key}={current}; make them agree (edit one of them) or drop {key} to take accelerate's value"
-            )
-        apply(accelerate_value)
-        taken.append(f"{key}={accelerate_value} (from accelerate's {accelerate_name})")
-
-    if settings.mixed_precision not in (None, "fp32", "bf16", "fp16"):
-        raise ConfigError(f"accelerate's mixed_precision={settings.mixed_precision} is not supported; use no, bf16 or fp16 (train.precision)")
-    take("train.precision", "mixed_precision", settings.mixed_precision, cfg.train.precision, lambda v: setattr(cfg.train, "precision", v))
-    if settings.use_deepspeed:
-        take("strategy.name", "distributed_type", "deepspeed", cfg.strategy.name, lambda v: setattr(cfg.strategy, "name", v))
-        take("strategy.zero_stage", "zero_stage", settings.zero_stage, cfg.strategy.zero_stage, lambda v: setattr(cfg.strategy, "zero_stage", v))
-        take("strategy.deepspeed_config", "deepspeed_config_file", settings.deepspeed_config_file, cfg.strategy.deepspeed_config, lambda v: setattr(cfg.strategy, "deepspeed_config", v))
-    if settings.use_fsdp:
-        take("strategy.name", "distributed_type", "fsdp2", cfg.strategy.name, lambda v: setattr(cfg.strategy, "name", v))
-        take("strategy.reshard_after_forward", "fsdp_reshard_after_forward", settings.fsdp_reshard_after_forward, cfg.strategy.reshard_after_forward, lambda v: setattr(cfg.strategy, "reshard_after_forward", v))
-        take("strategy.cpu_offload", "fsdp_offload_params", settings.fsdp_offload_params, cfg.strategy.cpu_offload, lambda v: setattr(cfg.strategy, "cpu_offload", v))
-    take("train.grad_clip", "gradient_clipping", settings.grad_clip, cfg.train.grad_clip, lambda v: setattr(cfg.train, "grad_clip", v))
-    if settings.grad_accum_steps is not None:
-        derived = batch_arithmetic(cfg.train, dist_env.world_size).grad_accum_steps
-        if settings.grad_accum_steps != derived:
-            # Accumulation is derived from the global batch, so accelerate's value sets the global batch.
-            if "train.global_batch_size" in explicit_keys:
-                raise ConfigError(
-                    f"accelerate's config sets gradient_accumulation_steps={settings.grad_accum_steps} but the dist_train "
-                    f"config derives {derived} (train.global_batch_size={cfg.train.global_batch_size} / (train.micro_batch_size="
-                    f"{cfg.train.micro_batch_size} x {dist_env.world_size} processes)); make them agree or drop train.global_batch_size"
-                )
-            cfg.train.global_batch_size = cfg.train.micro_batch_size * dist_env.world_size * settings.grad_accum_steps
-            taken.append(f"train.global_batch_size={cfg.train.global_batch_size} (from accelerate's gradient_accumulation_steps={settings.grad_accum_steps})")
-    return taken
-
-
-# ---------------------------------------------------------------- process group
-
-
-def backend_for(dist_env: DistEnv, requested: Optional[str] = None) -> str:
-    if requested:
-        if requested == "nccl" and not dist_env.device.startswith("cuda"):
-            from .config import ConfigError
-
-            raise ConfigError("strategy.backend=nccl needs CUDA and this process has no GPU; set strategy.backend=gloo or leave it unset")
-        return requested
-    return "nccl" if dist_env.device.startswith("cuda") else "gloo"
-
-
-def init_process_group(dist_env: DistEnv, backend: str, timeout_seconds: float) -> None:
-    """Joins the default process group (no-op at world size 1)."""
-    import torch.distributed as dist
-
-    if dist_env.device.startswith("cuda"):
-        torch.cuda.set_device(dist_env.torch_device)
-    if not dist_env.distributed or dist.is_initialized():
-        return
-    # Under torchrun the rendezvous store already lives in the agent (TORCHELASTIC_USE_AGENT_STORE): env://
-    # connects to it, whereas tcp:// would try to open a second server on the same port.
-    torchrun_started = dist_env.launcher in (TorchElasticEnvironment.name, AccelerateEnvironment.name)
-    init_method = "env://" if torchrun_started else f"tcp://{dist_env.master_addr}:{dist_env.master_port}"
-    # device_id (in torch since 2.3; dist_train needs >= 2.4) binds NCCL's communicator to this process's GPU
-    # at init, rather than NCCL guessing it from the current device at the first collective.
-    bound = dict(device_id=dist_env.torch_device) if dist_env.device.startswith("cuda") and "nccl" in backend else {}
-    dist.init_process_group(
-        backend=backend,
-        init_method=init_method,
-        rank=dist_env.global_rank,
-        world_size=dist_env.world_size,
-        timeout=timedelta(seconds=timeout_seconds),
-        **bound,
-    )
-
-
-def init_single_process_group(dist_env: DistEnv) -> bool:
-    """A process group of one for a backend that needs one even alone (DeepSpeed, FSDP2); dist_train itself
-    runs a single process without a group. Returns True when it created the group (the caller destroys it)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return False
-    dist.init_process_group(
-        "nccl" if dist_env.device.startswith("cuda") else "gloo",
-        init_method=f"tcp://{dist_env.master_addr}:{dist_env.master_port}",
-        rank=0,
-        world_size=1,
-    )
-    return True
-
-
-def broadcast_from_main(obj: object, dist_env: DistEnv) -> object:
-    """The main process's `obj` on every rank (a decision taken once, e.g. which checkpoint to load)."""
-    import torch.distributed as dist
-
-    if not dist_env.distributed or not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def destroy_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

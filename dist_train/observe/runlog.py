@@ -1,31 +1,23 @@
-"""What a run leaves behind besides checkpoints: its console log, each rank's warnings and tracebacks, and
-its metrics history.
+"""What a run's processes wrote: the console log and each rank's warnings and tracebacks.
 
   OUTPUT_DIR/logs/console.log    what the main process's terminal showed (progress-bar frames left out)
   OUTPUT_DIR/logs/rank-K.log     everything rank K wrote to stderr: warnings, tracebacks
-  OUTPUT_DIR/metrics.jsonl       one JSON object per logged global step: {"step": N, "train/loss": ..., ...}
 
-All three are appended across resumes. The history holds each step once: a resumed run first drops the
-rows an earlier attempt wrote after the checkpoint it resumes from, and a second log call at the same
-step (the eval after the train line) is merged into that step's row.
+Both are appended across resumes. The metrics history (metrics.jsonl) is a tracker: tracking.py.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import IO, Any, Optional
+from typing import IO, Any
 
-from .tracking import Tracker
 
 LOG_DIR = "logs"
 CONSOLE_LOG = "console.log"
-METRICS_FILE = "metrics.jsonl"
 
 
 class _Tee:
@@ -113,77 +105,6 @@ class RunLog:
         for f in self._files:
             f.close()
         self._files.clear()
-
-
-# ---------------------------------------------------------------- metrics history
-
-
-def read_history(path: str | Path) -> list[dict]:
-    """Rows of a metrics.jsonl (a run directory or the file itself); a torn last line is skipped."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / METRICS_FILE
-    rows = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-    return rows
-
-
-def _plain(value: Any) -> Any:
-    value = float(value) if not isinstance(value, (int, str)) else value
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-class MetricsHistory(Tracker):
-    """OUTPUT_DIR/metrics.jsonl: every logged scalar at its global optimizer step (see the module doc)."""
-
-    name, key = "metrics history", "history"
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._file: Optional[IO[str]] = None
-        self._row: Optional[dict] = None
-        self._row_offset = 0
-
-    def start(self, cfg: Any, step: int) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [row for row in read_history(self.path) if row["step"] <= step]
-        text = "".join(json.dumps(row) + "\n" for row in kept)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, self.path)
-        self._file = open(self.path, "a", encoding="utf-8")
-        self._row = kept[-1] if kept else None
-        self._row_offset = len(text.encode()) - (len((json.dumps(kept[-1]) + "\n").encode()) if kept else 0)
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if self._file is None:  # not started: an evaluation of a checkpoint writes no history
-            return
-        values = {k: _plain(v) for k, v in metrics.items()}
-        if self._row is not None and self._row["step"] == step:
-            self._row.update(values)
-            self._file.seek(self._row_offset)
-            self._file.truncate()
-        else:
-            self._file.seek(0, os.SEEK_END)
-            self._row_offset = self._file.tell()
-            self._row = {"step": step, "time": round(time.time(), 3), **values}
-        self._file.write(json.dumps(self._row) + "\n")
-        self._file.flush()
-
-    def finish(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 # ---------------------------------------------------------------- known warning floods

@@ -8,16 +8,18 @@ failure into one warning: training never dies because W&B or TensorBoard did.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import secrets
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import IO, Any, Optional
 
-from .config import Config, WandbConfig
-from .env import DistEnv
+from ..config import Config, WandbConfig
+from ..distributed.environment import DistEnv
 
 
 class Tracker:
@@ -49,8 +51,6 @@ NullTracker = Tracker
 def build_tracker(cfg: Config, dist_env: DistEnv) -> Tracker:
     if not dist_env.is_main:
         return NullTracker()
-    from .runlog import METRICS_FILE, MetricsHistory
-
     # The plain-text history is always kept: it is what `dist-train plot` and the end-of-run picture read.
     trackers: list[Tracker] = [MetricsHistory(Path(cfg.output_dir) / METRICS_FILE)]
     if cfg.tracking.wandb.enabled:
@@ -405,3 +405,80 @@ class ConsoleLog:
         if bar is not None:
             bar.set_postfix_str(f"loss {metrics['train/loss']:.4f}", refresh=False)
         self.print(line)
+
+
+# ---------------------------------------------------------------- metrics history
+# OUTPUT_DIR/metrics.jsonl: one JSON object per logged global step ({"step": N, "train/loss": ..., ...}),
+# appended across resumes and holding each step once: a resumed run first drops the rows an earlier attempt
+# wrote after the checkpoint it resumes from, and a second log call at the same step (the eval after the
+# train line) is merged into that step's row.
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_history(path: str | Path) -> list[dict]:
+    """Rows of a metrics.jsonl (a run directory or the file itself); a torn last line is skipped."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
+def _plain(value: Any) -> Any:
+    value = float(value) if not isinstance(value, (int, str)) else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class MetricsHistory(Tracker):
+    """OUTPUT_DIR/metrics.jsonl: every logged scalar at its global optimizer step (see the module doc)."""
+
+    name, key = "metrics history", "history"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._file: Optional[IO[str]] = None
+        self._row: Optional[dict] = None
+        self._row_offset = 0
+
+    def start(self, cfg: Any, step: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [row for row in read_history(self.path) if row["step"] <= step]
+        text = "".join(json.dumps(row) + "\n" for row in kept)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._row = kept[-1] if kept else None
+        self._row_offset = len(text.encode()) - (len((json.dumps(kept[-1]) + "\n").encode()) if kept else 0)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self._file is None:  # not started: an evaluation of a checkpoint writes no history
+            return
+        values = {k: _plain(v) for k, v in metrics.items()}
+        if self._row is not None and self._row["step"] == step:
+            self._row.update(values)
+            self._file.seek(self._row_offset)
+            self._file.truncate()
+        else:
+            self._file.seek(0, os.SEEK_END)
+            self._row_offset = self._file.tell()
+            self._row = {"step": step, "time": round(time.time(), 3), **values}
+        self._file.write(json.dumps(self._row) + "\n")
+        self._file.flush()
+
+    def finish(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
