@@ -142,14 +142,10 @@ def test_train_resume_of_a_tutorial_dict_or_weights_file_says_to_use_model_weigh
             f"directory or an output_dir; to start a run from its weights, set model.weights={file} instead"
         )
 
-    tutorial = tutorial_export / "tutorial.pt"
-    result = run([sys.executable, "-m", "dist_train", "train", "configs/mlp_digits.yaml", *TUTORIAL_RUN, f"train.resume={tutorial}", f"output_dir={tmp_path / 'a'}"], timeout=180, check=False)
-    assert result.returncode == 2 and "Traceback" not in result.output, result.output[-3000:]
-    assert result.stderr.strip() == f"dist-train: config error: {said(tutorial)}", result.stderr
-    weights = tutorial_export / "model.pt"
-    with pytest.raises(ConfigError) as error:
-        train(str(REPO / "configs" / "mlp_digits.yaml"), [*TUTORIAL_RUN, f"train.resume={weights}", f"output_dir={tmp_path / 'b'}"])
-    assert str(error.value) == said(weights)
+    for file in (tutorial_export / "tutorial.pt", tutorial_export / "model.pt"):  # the CLI says a ConfigError in one line
+        with pytest.raises(ConfigError) as error:
+            train(str(REPO / "configs" / "mlp_digits.yaml"), [*TUTORIAL_RUN, f"train.resume={file}", f"output_dir={tmp_path / file.stem}"])
+        assert str(error.value) == said(file)
 
 
 # ---------------------------------------------------------------- image folders

@@ -14,7 +14,7 @@ import torch
 
 from dist_train.checkpoint.resume_semantics import resume_changes
 from dist_train.cli import main as cli_main
-from dist_train.config import ConfigError, OptimConfig, batch_arithmetic, config_from_dict, explicit_keys
+from dist_train.config import ConfigError, OptimConfig, batch_arithmetic, config_from_dict, explicit_keys, load_config
 from dist_train.config.deepspeed_json import build_deepspeed_config, load_user_config, reconcile_deepspeed_json
 from dist_train.observe.tracking import read_history
 from dist_train.optim import build_scheduler
@@ -221,6 +221,14 @@ def test_optim_schedule_warmup_lr_is_deepspeeds_own_curve_step_for_step(schedule
         ours_optimizer.step(), theirs_optimizer.step()
         ours.step(), theirs.step()
     assert used[0] == used[1] == min_lr_ratio * lr and max(used) == pytest.approx(lr)
+
+
+def test_deepspeeds_schedules_without_a_json_refuse_a_zero_warmup_and_log_goes_with_them_only():
+    with pytest.raises(ConfigError, match=r"optim.schedule=warmup_lr is DeepSpeed's WarmupLR, which refuses a warmup of 0 steps; set optim.warmup_steps"):
+        load_config(None, ["optim.schedule=warmup_lr"])
+    with pytest.raises(ConfigError, match=r"optim.warmup_type=log is the curve of DeepSpeed's schedules; with optim.schedule=cosine"):
+        load_config(None, ["optim.schedule=cosine", "optim.warmup_steps=3", "optim.warmup_type=log"])
+    assert load_config(None, ["optim.schedule=warmup_decay_lr", "optim.warmup_steps=3", "optim.warmup_type=log"]).optim.warmup_type == "log"
 
 
 # ---------------------------------------------------------------- refused: every problem, both sides, one line
