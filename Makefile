@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test system-deps bench gpu-check
+.PHONY: install demo test system-deps deepspeed-ops bench gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,7 +23,13 @@ demo: install
 system-deps:
 	bash tests/install_system_deps.sh
 
-test: install system-deps
+# DeepSpeed's CPU Adam (what a JSON's optimizer runs under ZeRO offload_optimizer, as Hugging Face's published
+# JSONs have it) is JIT-compiled on first use: ~3 min on 2 loaded cores. Built once into torch's extension cache
+# (~/.cache/torch_extensions) here, so no test pays it; a no-op when it is there.
+deepspeed-ops: install
+	$(PY) -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()"
+
+test: install system-deps deepspeed-ops
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install

@@ -13,12 +13,17 @@ launchers and checkpoints. The `dist-train` CLI runs the same code.
     )
 
 Start the script like the CLI: `python script.py` (one process) or `torchrun --nproc_per_node 2 script.py`
-(every process runs the script; only the main process prints and writes). Resume with
-"train.resume=auto", as on the command line.
+(every process runs the script, so every one must build the same datasets: seed what you draw; only the main
+process prints and writes). Resume with "train.resume=auto", as on the command line. A configuration or
+data error raises (ConfigError, ...) for the caller to catch; left uncaught, it ends the script as it ends
+the CLI: one line (from the main process for a config error) and the CLI's exit code, not a traceback per rank.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -51,8 +56,39 @@ def train(
         raise ConfigError("give train_dataset= and eval_dataset= together (or neither, to use the config's data)")
     parts = UserParts(model, train_dataset, eval_dataset, dict(metrics or {}))
     result: dict = {}
-    code = run_train(config, list(overrides), parts=parts, result=result)
+    try:
+        code = run_train(config, list(overrides), parts=parts, result=result)
+    except BaseException as e:
+        _end_like_the_cli_if_uncaught(e)
+        raise
     return {**result, "exit_code": code}
+
+
+def _end_like_the_cli_if_uncaught(error: BaseException) -> None:
+    """If `error` reaches the interpreter uncaught, say it as the CLI does (cli.report_error: one line, from
+    the main process only for a config error, which every rank meets alike) and exit with the CLI's code.
+    A user-facing error is otherwise a 70-line traceback on every rank of a torchrun job. Other exceptions,
+    and this one when it is caught, go to the hook that was there before."""
+    from .errors import classify
+
+    if classify(error) is None:
+        return
+    previous, marker = sys.excepthook, id(error)
+
+    def hook(kind: type, value: BaseException, traceback: object) -> None:
+        if id(value) == marker:
+            from .cli import report_error
+
+            code = report_error(value)
+            if code is not None:
+                # os._exit, as the console script does (cli.console_main): run.py has torn everything down.
+                logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        previous(kind, value, traceback)  # type: ignore[arg-type]
+
+    sys.excepthook = hook
 
 
 __all__ = ["Config", "ConfigError", "load_config", "train"]

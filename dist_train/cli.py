@@ -18,14 +18,15 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from .config import ConfigError, describe_keys
+from .config import describe_keys
 
 from .errors import EXIT_CONFIG_ERROR, EXIT_INTERRUPTED, classify  # noqa: F401 (the codes' one home is errors.py)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML preset, e.g. configs/cnn_digits.yaml")
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=3 optim.lr=0.1")
+    # default=[]: without it argparse names an optional nargs="*" positional among the missing "required" ones.
+    parser.add_argument("overrides", nargs="*", default=[], help="section.key=value overrides, e.g. train.epochs=3 optim.lr=0.1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a plain state_dict from a checkpoint", description="Turn a dist_train checkpoint (DCP or DeepSpeed) into the tutorial's plain state_dict.")
     export.add_argument("checkpoint", help="a step-N checkpoint directory, or an output_dir (its newest checkpoint)")
     export.add_argument("--out", required=True, help="file to write, e.g. model.pt")
-    export.add_argument("--tutorial-dict", metavar="PATH", help="also write the tutorial's checkpoint dict (epoch, model_state_dict, optimizer_state_dict, loss)")
+    export.add_argument(
+        "--tutorial-dict",
+        metavar="PATH",
+        help="also write the tutorial's checkpoint dict (epoch, model_state_dict, optimizer_state_dict, loss: the last logged train loss); "
+        "the optimizer state's lr is the run's optim.lr (its peak), not the schedule's last value, since the tutorial's loop continues at a constant LR",
+    )
 
     data = sub.add_parser("data", help="prepare and inspect webdataset shards")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
@@ -94,21 +100,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.path.insert(0, "")
     try:
         return _dispatch(args)
-    except ConfigError as e:
-        return _said_once("config error", str(e), EXIT_CONFIG_ERROR)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # user-facing errors carry their own clear message (DCP's CheckpointException is a BaseException)
-        classified = classify(e)
-        if classified is None:
+        code = report_error(e)
+        if code is None:
             raise
-        kind, message, code = classified
-        if kind in ("config error", "launch error"):
-            return _said_once(kind, message, code)
-        # Data, checkpoint and storage errors may be one rank's own: every rank that has one says so.
-        rank = _global_rank()
-        print(f"dist-train: {kind}{f' (rank {rank})' if rank else ''}: {message}", file=sys.stderr, flush=True)
         return code
+
+
+def report_error(error: BaseException) -> Optional[int]:
+    """Say a user-facing error (errors.classify) in one line; its exit code, or None for an unexpected one
+    (whose traceback then shows). The CLI and the Python API (`dist_train.train`) end on it alike."""
+    classified = classify(error)
+    if classified is None:
+        return None
+    kind, message, code = classified
+    if kind in ("config error", "launch error"):
+        return _said_once(kind, message, code)
+    # Data, checkpoint and storage errors may be one rank's own: every rank that has one says so.
+    rank = _global_rank()
+    print(f"dist-train: {kind}{f' (rank {rank})' if rank else ''}: {message}", file=sys.stderr, flush=True)
+    return code
 
 
 # How long the other processes wait before exiting with an error only the main process prints: a launcher

@@ -23,7 +23,8 @@ import os
 import shlex
 import sys
 
-from .config import batch_arithmetic, load_config
+from .config import batch_arithmetic, config_from_dict, explicit_keys, raw_config
+from .config.deepspeed_json import reconcile_deepspeed_json
 from .distributed.environment import LaunchError
 
 
@@ -57,11 +58,13 @@ def _describe(args: argparse.Namespace) -> tuple[list[str], str]:
     """Checks the config before any process starts; (the lines worth printing, the preemption signal's name)."""
     from .supervise.signals import resolve_signal
 
-    cfg = load_config(args.config, args.overrides)
+    raw = raw_config(args.config, args.overrides)
+    cfg = config_from_dict(raw)
     preemption_signal = resolve_signal(cfg.train.preemption_signal).name
-    lines = []
-    if str(args.nnodes).isdigit():
-        world_size = int(args.nnodes) * args.nproc_per_node
+    world_size = int(args.nnodes) * args.nproc_per_node if str(args.nnodes).isdigit() else None
+    # The DeepSpeed JSON is checked here too, so a conflict is one line before any process starts.
+    lines = [f"dist-train: {line}" for line in reconcile_deepspeed_json(cfg, explicit_keys(raw), world_size)]
+    if world_size is not None:
         lines.append(f"batch: {batch_arithmetic(cfg.train, world_size).describe()}")
     if args.max_restarts and not (cfg.checkpoint.interval_steps or cfg.checkpoint.interval_seconds):
         lines.append(

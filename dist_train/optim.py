@@ -33,6 +33,8 @@ def _optimizer(cfg: OptimConfig, params: list, **kwargs: bool) -> torch.optim.Op
 
 def lr_factor(cfg: OptimConfig, step: int, total_steps: int) -> float:
     """Multiplier of optim.lr at optimizer step `step` (0-based): linear warmup, then the schedule."""
+    if cfg.schedule in ("warmup_lr", "warmup_decay_lr"):
+        return deepspeed_warmup_factor(cfg, step, total_steps)
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
@@ -48,6 +50,25 @@ def lr_factor(cfg: OptimConfig, step: int, total_steps: int) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
+def deepspeed_warmup_factor(cfg: OptimConfig, step: int, total_steps: int) -> float:
+    """DeepSpeed's WarmupLR / WarmupDecayLR (deepspeed/runtime/lr_schedules.py), with warmup_max_lr = optim.lr,
+    warmup_min_lr = optim.min_lr_ratio x optim.lr, warmup_num_steps = optim.warmup_steps, total_num_steps = the
+    planned steps. DeepSpeed's scheduler starts at iteration -1 (the warmup's start) and is stepped after every
+    optimizer step, so optimizer step `step` runs at iteration step - 1: the first two steps both run at the
+    start LR, as they do under DeepSpeed."""
+    iteration = step - 1
+    warmup = max(2, cfg.warmup_steps)  # DeepSpeed's own floor
+    if iteration < 0:
+        gamma = 0.0
+    elif iteration < warmup:
+        gamma = math.log(iteration + 1) / math.log(warmup) if cfg.warmup_type == "log" else iteration / warmup
+    elif cfg.schedule == "warmup_decay_lr":
+        gamma = max(0.0, (total_steps - iteration) / max(1.0, total_steps - warmup))
+    else:
+        gamma = 1.0
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * gamma
+
+
 def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     # A LambdaLR's state_dict holds only its step count, so it checkpoints and resumes exactly.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, total_steps))
@@ -57,7 +78,8 @@ def apply_hyperparameters(cfg: OptimConfig, optimizer: torch.optim.Optimizer, sc
     """After a resume: the config's LR and optimizer settings replace the ones the checkpoint restored.
 
     The LR takes effect at the next optimizer step, at the schedule's current position (the scheduler's
-    step count is kept). A scheduler that is not dist_train's LambdaLR (a DeepSpeed JSON one) keeps its LR.
+    step count is kept). Every run's scheduler is this LambdaLR: a DeepSpeed JSON's WarmupLR / WarmupDecayLR
+    runs as optim.schedule=warmup_lr / warmup_decay_lr (config/deepspeed_json.py).
     """
     for group in optimizer.param_groups:
         for key, value in (("weight_decay", cfg.weight_decay), ("momentum", cfg.momentum), ("betas", tuple(cfg.betas))):

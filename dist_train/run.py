@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 
 from .config import Config, ConfigError, config_from_dict, explicit_keys, raw_config, validate
 from .config.accelerate import reconcile_launcher_settings
+from .config.deepspeed_json import reconcile_deepspeed_json
 from .distributed.environment import DistEnv, detect_environment
 from .distributed.groups import ProcessGroups
 from .files import atomic_write
@@ -56,8 +57,11 @@ def _start(config: Any, overrides: Sequence[str], raw: Optional[dict] = None) ->
     cfg = config_from_dict(raw)
     resolve_signal(cfg.train.preemption_signal)
     dist_env = detect_environment()
-    # accelerate launch exports its config's settings; explicit dist_train keys must agree with them.
-    taken = reconcile_launcher_settings(cfg, dist_env.accelerate, dist_env.world_size, explicit_keys(raw))
+    # accelerate launch exports its config's settings, a DeepSpeed JSON has its optimizer and schedule:
+    # explicit dist_train keys must agree with them, the others take their values.
+    explicit = explicit_keys(raw)
+    taken = reconcile_launcher_settings(cfg, dist_env.accelerate, dist_env.world_size, explicit)
+    taken += reconcile_deepspeed_json(cfg, explicit, dist_env.world_size)
     lines = [f"dist-train: {line}" for line in taken]
     validate(cfg)
     if dist_env.restarted:

@@ -28,7 +28,7 @@ from .errors import storage_error
 from .files import atomic_write
 from .supervise.guard import SkipCounter, StepWindow, TrainingDiverged, divergence_message, parameters_finite
 from .checkpoint.lineage import RunInfo
-from .models import ModelSpec, build_model, model_spec
+from .models import ModelSpec, build_model, describe_weights, model_spec
 from .optim import apply_hyperparameters, build_optimizer, build_scheduler
 from .strategies import Strategy, build_strategy
 from .observe.runlog import model_summary
@@ -147,7 +147,7 @@ class Trainer:
         arithmetic = batch_arithmetic(cfg.train, dist_env.world_size)
         spec = parts.model_spec(cfg.model) if parts.model is not None else model_spec(cfg.model)
         strategy = build_strategy(cfg, groups, arithmetic)
-        data = parts.data(cfg, arithmetic, dist_env) if parts.train_dataset is not None else build_data(cfg, spec, arithmetic, dist_env, groups.control)
+        data = parts.data(cfg, arithmetic, dist_env, groups.control) if parts.train_dataset is not None else build_data(cfg, spec, arithmetic, dist_env, groups.control)
         if cfg.train.deterministic:
             note = use_deterministic_algorithms(dist_env.torch_device)
             if note:
@@ -157,7 +157,7 @@ class Trainer:
         # Wrap or shard first, then build the optimizer over the parameters the module now has (FSDP2 swaps
         # in sharded DTensor parameters).
         model = parts.build_model() if parts.model is not None else build_model(cfg.model)
-        summary = model_summary(model) + (f"; weights loaded from {cfg.model.weights}" if cfg.model.weights else "")
+        summary = model_summary(model) + (f"; {describe_weights(cfg.model.weights)}" if cfg.model.weights else "")
         loss = resolve_loss(cfg.model, model)
         strategy.setup_module(model)
         optimizer = build_optimizer(cfg.optim, strategy.unwrapped_model, fused=strategy.wants_fused_optimizer)

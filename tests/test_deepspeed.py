@@ -131,7 +131,8 @@ def test_auto_values_are_filled_from_dist_train(tmp_path):
     assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["overlap_comm"] is True  # passed through
     no_json = _ds_config(tmp_path, None, "strategy.deepspeed.zero_stage=1")
     assert no_json["zero_optimization"] == {"stage": 1} and no_json["gradient_clipping"] == 0.0
-    with_optimizer = _ds_config(tmp_path, {"optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "weight_decay": 0.1}}})
+    # The JSON's optimizer must agree with optim.* (tests/test_deepspeed_json.py: adopted before a run, or refused).
+    with_optimizer = _ds_config(tmp_path, {"optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "weight_decay": 0.1}}}, "optim.name=adamw", "optim.weight_decay=0.1")
     assert with_optimizer["optimizer"]["params"] == {"lr": 0.1, "betas": [0.9, 0.999], "weight_decay": 0.1}
 
 
@@ -143,8 +144,8 @@ def test_auto_values_are_filled_from_dist_train(tmp_path):
         ({"train_batch_size": 64}, [], "train_batch_size=64 but dist_train derives 32 from train.global_batch_size=32"),
         ({"bf16": {"enabled": True}}, [], "bf16.enabled=true but dist_train derives false from train.precision=fp32"),
         ({"gradient_clipping": 1.0}, [], "gradient_clipping=1.0 but dist_train derives 0.0 from train.grad_clip=None"),
-        ({"zero_optimization": {"stage": 3}}, ["strategy.deepspeed.zero_stage=2"], "zero_optimization.stage=3 but dist_train derives 2 from strategy.deepspeed.zero_stage=2"),
-        ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}, [], "zero_optimization.reduce_bucket_size=auto: dist_train fills auto only for"),
+        ({"zero_optimization": {"stage": 3}}, ["strategy.deepspeed.zero_stage=2"], "zero_optimization.stage=3 is strategy.deepspeed.zero_stage=3 but this run has strategy.deepspeed.zero_stage=2"),
+        ({"zero_optimization": {"stage": 2, "sub_group_size": "auto"}}, [], "zero_optimization.sub_group_size=auto: dist_train fills auto only for"),
     ],
 )
 def test_a_conflicting_json_is_refused_naming_both_values(tmp_path, user, overrides, expected):

@@ -156,6 +156,12 @@ def find_checkpoint(spec: str, output_dir: Path, key: str = "train.resume") -> O
         if not found:
             raise CheckpointError(f"{key}={spec}: no complete checkpoint under {path / 'checkpoints'}")
         return found[-1]
+    if path.is_file():
+        start_from = f"; to start a run from its weights, set model.weights={spec} instead" if key == "train.resume" else ""
+        raise CheckpointError(
+            f"{key}={spec} is a file (a tutorial checkpoint dict or a state_dict?), not a dist_train checkpoint: a step-N "
+            f"directory or an output_dir{start_from}"
+        )
     if not path.is_dir():
         raise CheckpointError(f"{key}={spec}: no such checkpoint directory")
     if not path.name.startswith((STEP_PREFIX, TMP_PREFIX)) and not (path / META_FILE).exists():

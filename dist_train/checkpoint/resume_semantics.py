@@ -46,6 +46,7 @@ RESUME_SEMANTICS: dict[str, tuple[str, str]] = {
     "optim.betas": (APPLIED, "set in every parameter group"),
     "optim.schedule": (REPLANNED, "the LR curve is recomputed at the resumed step"),
     "optim.warmup_steps": (REPLANNED, "the LR curve is recomputed at the resumed step"),
+    "optim.warmup_type": (REPLANNED, "the LR curve is recomputed at the resumed step"),
     "optim.step_size": (REPLANNED, "the LR curve is recomputed at the resumed step"),
     "optim.gamma": (REPLANNED, "the LR curve is recomputed at the resumed step"),
     "optim.min_lr_ratio": (REPLANNED, "the LR curve is recomputed at the resumed step"),

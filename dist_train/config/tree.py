@@ -64,16 +64,21 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adam", "adamw"] = _f("sgd", "optimizer")
+    name: Literal["sgd", "adam", "adamw"] = _f("sgd", "torch.optim.SGD, Adam or AdamW; a DeepSpeed JSON's optimizer.type Adam and AdamW are adamw unless \"adam_w_mode\": false")
     lr: float = _f(0.01, "peak learning rate")
     momentum: float = _f(0.0, "SGD momentum")
     weight_decay: float = _f(0.0, "weight decay")
     betas: list = _f([0.9, 0.999], "Adam/AdamW betas")
-    schedule: Literal["constant", "cosine", "linear", "step"] = _f("constant", "LR schedule after warmup")
-    warmup_steps: int = _f(0, "linear warmup length in optimizer steps")
+    schedule: Literal["constant", "cosine", "linear", "step", "warmup_lr", "warmup_decay_lr"] = _f(
+        "constant",
+        "LR schedule after warmup; warmup_lr and warmup_decay_lr are DeepSpeed's WarmupLR (warmup, then constant) and "
+        "WarmupDecayLR (warmup, then linear decay over the planned steps) step for step, from optim.min_lr_ratio x optim.lr",
+    )
+    warmup_steps: int = _f(0, "warmup length in optimizer steps (linear; warmup_lr / warmup_decay_lr: at least 1, curve by optim.warmup_type)")
+    warmup_type: Literal["linear", "log"] = _f("linear", "warmup_lr / warmup_decay_lr: DeepSpeed's warmup_type, linear or log (DeepSpeed's default, so a JSON scheduler without it means log)")
     step_size: int = _f(1000, "schedule=step: optimizer steps between decays")
     gamma: float = _f(0.1, "schedule=step: decay factor")
-    min_lr_ratio: float = _f(0.0, "cosine/linear: final lr as a fraction of optim.lr")
+    min_lr_ratio: float = _f(0.0, "cosine/linear: final lr as a fraction of optim.lr; warmup_lr / warmup_decay_lr: where the warmup starts (and the decay ends), DeepSpeed's warmup_min_lr / warmup_max_lr")
 
 
 @dataclass
@@ -285,13 +290,31 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         if key in RENAMED_KEYS:
             raise ConfigError(f"config key '{key}' was renamed: use {RENAMED_KEYS[key]}")
         known = ", ".join(prefix + k for k in fields)
-        nearest = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
-        hint = f"did you mean {nearest[0]}? " if nearest else ""
+        nearest = nearest_keys(key, raw[unknown[0]])
+        hint = f"did you mean {' or '.join(nearest)}? " if nearest else ""
         raise ConfigError(f"unknown config key '{key}'; {hint}known keys here: {known}")
     values = {}
     for name, value in raw.items():
         values[name] = _coerce(hints[name], value, prefix + name)
     return cls(**values)
+
+
+def nearest_keys(key: str, value: Any = None) -> list[str]:
+    """The known keys closest to a misspelt one (at most two); a misspelt section is matched by the keys set
+    under it (`trian.max_steps=5` -> train.max_steps)."""
+    typed = [f"{key}.{leaf}" for leaf in sorted(explicit_keys(value)) if not isinstance(_get_raw(value, leaf), dict)] if isinstance(value, dict) else [key]
+    found: list[str] = []
+    for name in typed:
+        scored = sorted(((difflib.SequenceMatcher(None, name, k).ratio(), k) for k in all_keys()), reverse=True)
+        # A second key only when it is about as close as the first (optim.warmup: warmup_steps, warmup_type).
+        found += [k for score, k in scored[:2] if score >= 0.6 and score >= scored[0][0] - 0.05 and k not in found]
+    return found[:2]
+
+
+def _get_raw(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
@@ -371,6 +394,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.log_interval must be positive, got {t.log_interval}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    _validate_schedule(cfg.optim)
     if not 0.0 < cfg.data.test_fraction < 1.0:
         raise ConfigError(f"data.test_fraction must be between 0 and 1, got {cfg.data.test_fraction}")
     if cfg.data.num_workers < 0:
@@ -385,6 +409,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.name={cfg.model.name} is an import path; also set model.input_shape (e.g. [1,28,28]) "
             "and model.task (classification or regression)"
+        )
+
+
+DEEPSPEED_SCHEDULES = ("warmup_lr", "warmup_decay_lr")
+
+
+def _validate_schedule(optim: OptimConfig) -> None:
+    if optim.schedule in DEEPSPEED_SCHEDULES and optim.warmup_steps < 1:
+        raise ConfigError(
+            f"optim.schedule={optim.schedule} is DeepSpeed's {'WarmupLR' if optim.schedule == 'warmup_lr' else 'WarmupDecayLR'}, "
+            f"which refuses a warmup of {optim.warmup_steps} steps; set optim.warmup_steps to at least 1 (e.g. optim.warmup_steps=5)"
+        )
+    if optim.warmup_type == "log" and optim.schedule not in DEEPSPEED_SCHEDULES:
+        raise ConfigError(
+            f"optim.warmup_type=log is the curve of DeepSpeed's schedules; with optim.schedule={optim.schedule} the warmup is "
+            "linear: set optim.warmup_type=linear, or optim.schedule=warmup_lr / warmup_decay_lr"
         )
 
 
@@ -419,12 +459,17 @@ def batch_arithmetic(train: TrainConfig, world_size: int) -> BatchArithmetic:
 
 def leaf_fields(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field]]:
     """(dotted key, field) for every leaf of the tree, in declaration order (model.kwargs is one leaf)."""
+    for key, f, _ in _leaves(cls, prefix):
+        yield key, f
+
+
+def _leaves(cls: type, prefix: str) -> typing.Iterator[tuple[str, dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(tp):
-            yield from leaf_fields(tp, prefix + f.name + ".")
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _leaves(hints[f.name], prefix + f.name + ".")
         else:
-            yield prefix + f.name, f
+            yield prefix + f.name, f, hints[f.name]
 
 
 def all_keys() -> list[str]:
@@ -434,7 +479,13 @@ def all_keys() -> list[str]:
 def describe_keys() -> list[str]:
     """`key (default): help` lines for every field, for --help output."""
     lines = []
-    for key, f in leaf_fields():
+    for key, f, tp in _leaves(Config, ""):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  {key} (default {default!r}): {f.metadata.get('help', '')}")
+        lines.append(f"  {key} (default {default!r}{_choices(tp)}): {f.metadata.get('help', '')}")
     return lines
+
+
+def _choices(tp: Any) -> str:
+    """'; one of a | b' for a key whose type is a set of literal values (an Optional one too)."""
+    literal = tp if typing.get_origin(tp) is Literal else next((a for a in typing.get_args(tp) if typing.get_origin(a) is Literal), None)
+    return f"; one of {' | '.join(str(a) for a in typing.get_args(literal))}" if literal is not None else ""

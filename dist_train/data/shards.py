@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, DataConfig
-from .sources import SOURCES, SourceData, Split
+from .sources import SOURCES, SourceData, Split, read_image_folder
 
 FORMAT = "dist_train.shards/1"
 MANIFEST = "manifest.json"
@@ -384,7 +384,11 @@ def _load_for_prepare(args: argparse.Namespace) -> SourceData:
         size = args.image_size or 32
         spec = ModelSpec("shards", (3, size, size), "classification", 10)
     try:
-        data = SOURCES[args.source](cfg, spec)
+        if args.source == "image_folder" and args.root:  # no model yet: the files' own channels
+            data = read_image_folder(Path(args.root), cfg.test_fraction, (size, size))
+            print(_image_folder_note(data, size), flush=True)
+        else:
+            data = SOURCES[args.source](cfg, spec)
     except ConfigError as e:  # the sources speak of config keys; here the user gave command-line flags
         flags = re.sub(r"data\.source=\S+", f"--source {args.source}", str(e))
         flags = flags.replace("set data.path to the dataset root", "pass --root DIR, the dataset root").replace("data.path=", "--root ")
@@ -394,6 +398,15 @@ def _load_for_prepare(args: argparse.Namespace) -> SourceData:
     elif args.image_size:
         raise DataError(f"--image-size applies to image sources; {args.source} holds vectors")
     return data
+
+
+def _image_folder_note(data: SourceData, size: int) -> str:
+    channels = data.train.inputs.shape[1]
+    kept = "all grayscale: kept as 1 channel" if channels == 1 else "in colour (or some are): written as 3 channels (RGB)"
+    return (
+        f"image_folder: {len(data.train) + len(data.test)} images, {kept}, resized to {size}x{size} (--image-size); "
+        f"a model taking {3 if channels == 1 else 1} channel(s) gets them {'repeated' if channels == 1 else 'averaged'} when it trains"
+    )
 
 
 def _resized(split: Split, size: int) -> Split:

@@ -152,30 +152,54 @@ def cifar10(cfg: DataConfig, spec: ModelSpec) -> SourceData:
     return SourceData(train, test, "image", 10)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".gif", ".webp")
+GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")  # PIL modes with one colour channel
+
+
 def image_folder(cfg: DataConfig, spec: ModelSpec) -> SourceData:
-    """A class-per-subfolder image tree (torchvision ImageFolder layout), split by data.test_fraction."""
+    """A class-per-subfolder image tree (torchvision ImageFolder layout), split by data.test_fraction, in the
+    channels and size the model takes."""
+    channels, height, width = spec.input_shape if len(spec.input_shape) == 3 else (3, 32, 32)
+    return read_image_folder(_require_root(cfg, "image_folder"), cfg.test_fraction, (height, width), channels)
+
+
+def read_image_folder(root: Path, test_fraction: float, size: tuple[int, int], channels: "int | None" = None) -> SourceData:
+    """`channels` None keeps the files' own: one when every image is grayscale, else three (RGB); a model
+    that takes the other count gets them adapted batch by batch (transforms.adapt_images)."""
     from PIL import Image
 
-    root = _require_root(cfg, "image_folder")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not classes:
         raise ConfigError(f"data.path={root} has no class sub-folders; expected ROOT/CLASS_NAME/image.png")
-    channels, height, width = spec.input_shape if len(spec.input_shape) == 3 else (3, 32, 32)
+    files = {name: [f for f in sorted((root / name).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES] for name in classes}
+    empty = [name for name in classes if not files[name]]
+    if empty:
+        raise ConfigError(
+            f"data.path={root} has class folders without images: {', '.join(str(root / name) for name in empty[:5])}"
+            f"{' ...' if len(empty) > 5 else ''}; put {'/'.join(s.lstrip('.') for s in IMAGE_SUFFIXES)} files in them, or remove them"
+        )
+    if channels is None:
+        channels = 1 if all(_grayscale(f) for name in classes for f in files[name]) else 3
     mode = "L" if channels == 1 else "RGB"
-    images, labels, names = [], [], []
+    height, width = size
+    images, labels = [], []
     for label, name in enumerate(classes):
-        for file in sorted((root / name).iterdir()):
-            if file.suffix.lower() not in {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".gif", ".webp"}:
-                continue
+        for file in files[name]:
             with Image.open(file) as img:
                 array = np.asarray(img.convert(mode).resize((width, height)), dtype=np.uint8)
             images.append(array.reshape(height, width, -1).transpose(2, 0, 1))
             labels.append(label)
-            names.append(f"{name}/{file.name}")
     x = torch.from_numpy(np.stack(images))
     y = torch.tensor(labels, dtype=torch.int64)
-    train, test = _split(x, y, cfg.test_fraction, seed=1234, name="image")
+    train, test = _split(x, y, test_fraction, seed=1234, name="image")
     return SourceData(train, test, "image", len(classes))
+
+
+def _grayscale(file: Path) -> bool:
+    from PIL import Image
+
+    with Image.open(file) as img:  # reads the header only
+        return img.mode in GRAYSCALE_MODES  # a palette image counts as colour
 
 
 SOURCES: dict[str, Callable[[DataConfig, ModelSpec], SourceData]] = {

@@ -97,11 +97,9 @@ def _import_model(cfg: ModelConfig) -> nn.Module:
 
 
 def load_weights(model: nn.Module, path: str, strict: bool = True) -> None:
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"model.weights={path} does not exist; give a local state_dict file (nothing is downloaded)")
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model_state_dict" in state:
+    """A state_dict file, or the tutorial's checkpoint dict (`export --tutorial-dict`): its model_state_dict."""
+    state = _read_weights(path)
+    if _is_tutorial_dict(state):
         state = state["model_state_dict"]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if strict and (missing or unexpected):
@@ -110,4 +108,28 @@ def load_weights(model: nn.Module, path: str, strict: bool = True) -> None:
         )
 
 
-__all__ = ["MODELS", "ModelSpec", "build_model", "model_spec", "load_weights"]
+def describe_weights(path: str) -> str:
+    """What a fresh start takes from model.weights, for the model line at start."""
+    state = _read_weights(path)
+    if not _is_tutorial_dict(state):
+        return f"weights loaded from {path}"
+    has_optimizer = state.get("optimizer_state_dict") is not None
+    return (
+        f"weights loaded from {path}, a tutorial checkpoint dict (epoch {state.get('epoch')}, loss {state.get('loss')}): its "
+        f"model_state_dict{'; its optimizer_state_dict is not used' if has_optimizer else ''}, as a fresh start builds "
+        "the optimizer and the LR schedule from optim.*"
+    )
+
+
+def _read_weights(path: str) -> object:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"model.weights={path} does not exist; give a local state_dict file (nothing is downloaded)")
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def _is_tutorial_dict(state: object) -> bool:
+    return isinstance(state, dict) and "model_state_dict" in state
+
+
+__all__ = ["MODELS", "ModelSpec", "build_model", "describe_weights", "model_spec", "load_weights"]

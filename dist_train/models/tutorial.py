@@ -101,6 +101,8 @@ def resnet18(num_classes: int = 10, freeze_backbone: bool = False, weights: Opti
         if not path.is_file():
             raise ConfigError(f"model.weights={weights} does not exist; give a local resnet18 state_dict file")
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "model_state_dict" in state:  # the tutorial's checkpoint dict (export --tutorial-dict)
+            state = state["model_state_dict"]
         # ImageNet weights carry a 1000-class fc: keep the new head then. Our own export fits whole.
         if state.get("fc.weight") is None or state["fc.weight"].shape != model.fc.weight.shape:
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}

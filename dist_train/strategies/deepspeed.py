@@ -89,10 +89,10 @@ class DeepSpeedStrategy(Strategy):
         self._join_process_group()
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO dumps the whole config on every start
         client_optimizer = None if "optimizer" in self.ds_config else optimizer
-        if "scheduler" in self.ds_config:
-            client_scheduler: Any = None
-        elif client_optimizer is None:
-            # dist_train's schedule, re-attached to the optimizer DeepSpeed builds from the JSON.
+        client_scheduler: Any
+        if client_optimizer is None:
+            # dist_train's schedule (a JSON's scheduler runs as one: config/deepspeed_json.py), re-attached to
+            # the optimizer DeepSpeed builds from the JSON.
             lr_lambda = scheduler.lr_lambdas[0]
             client_scheduler = lambda ds_optimizer: torch.optim.lr_scheduler.LambdaLR(ds_optimizer, lr_lambda)  # noqa: E731
         else:

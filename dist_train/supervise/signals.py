@@ -84,7 +84,7 @@ class StopOnSignals:
             self.first_received_at = time.monotonic()
         if self.announce and not self.target.stop_requested:
             # os.write, not print: a handler may interrupt a print in progress (print is not reentrant).
-            os.write(2, f"dist-train: received {name}; saving a checkpoint at the next step boundary and stopping\n".encode())
+            os.write(2, f"dist-train: received {name}; saving a checkpoint at the next step boundary and stopping (continue later with train.resume=auto)\n".encode())
         self.target.stop_requested = True
 
 
@@ -132,8 +132,10 @@ def finish_interrupted(reason: BaseException, dist_env: DistEnv, preempted: bool
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         preempted, signalled = bool(flags[0].item()), bool(flags[1].item())
     if dist_env.is_main:
-        print(f"dist-train: {'interrupted: ' if signalled else ''}{reason}" + (f" ({timing})" if timing else ""), file=sys.stderr, flush=True)
-        if dist_env.slurm_job_id is not None and preempted:
+        requeued = dist_env.slurm_job_id is not None and preempted  # the requeued job resumes by itself
+        how = "" if requeued else "; to continue, run the same command with train.resume=auto"
+        print(f"dist-train: {'interrupted: ' if signalled else ''}{reason}" + (f" ({timing})" if timing else "") + how, file=sys.stderr, flush=True)
+        if requeued:
             _, message = requeue_slurm_job(dist_env.slurm_job_id)
             print(f"dist-train: {message}", file=sys.stderr, flush=True)
         elif dist_env.slurm_job_id is not None and signalled:
