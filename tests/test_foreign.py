@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import tarfile
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -211,6 +212,35 @@ def test_png_shards_feed_the_model_what_dist_trains_own_shards_would(corpus):
     assert snapshot(shards) == before
 
 
+def test_a_consumer_decodes_the_next_shards_while_another_decodes_the_one_it_waits_for(corpus):
+    import fcntl
+    import threading
+
+    from dist_train.data.node_store import SharedShards, enter_pass, leave_pass
+
+    _, index, _ = corpus
+    plan = loader_bundle(index, "data.shuffle=false").train.pass_plan(0)
+    enter_pass(plan.directory)
+    try:
+        store = SharedShards(plan, plan.consumers_per_shard())
+        got = {}
+        with open(plan.directory / "shard-0.lock", "a+b") as other:  # another process is decoding shard 0
+            fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+            waiting = threading.Thread(target=lambda: got.update(shard=store.get(0, lambda: [1, 2])), daemon=True)
+            waiting.start()
+            deadline = time.monotonic() + 120
+            while not (plan.directory / "shard-2" / "meta.json").is_file():
+                assert time.monotonic() < deadline and waiting.is_alive(), "shards 1 and 2 were not decoded while shard 0 was busy"
+                time.sleep(0.05)
+            assert (plan.directory / "shard-1" / "meta.json").is_file() and not (plan.directory / "shard-0").exists()
+            assert waiting.is_alive()  # still waiting for shard 0
+            fcntl.flock(other.fileno(), fcntl.LOCK_UN)
+        waiting.join(120)
+        assert len(got["shard"].keys) == 300 and store.decoded_records == 3 * 2  # each of the 3 shards decoded once
+    finally:
+        leave_pass(plan.directory, 1)
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -367,3 +397,17 @@ def test_two_ranks_exact_epochs_bit_identical_across_workers_resume_and_training
     assert summary["eval"]["eval/samples"] == 359 and summary["eval"]["eval/accuracy"] >= 0.8
     assert "webdataset shards read as they are" in (out / "run" / "logs" / "console.log").read_text()
     assert snapshot(shards) == before
+
+
+def test_data_fields_is_one_key_on_resume_and_checked():
+    from dist_train.checkpoint.resume_semantics import resume_changes
+
+    saved = load_config(None, ["data.fields={input: seg.png}"]).to_dict()
+    now = load_config(None, ["data.fields={input: png}"])
+    with pytest.raises(ConfigError, match=r"written with data.fields=\{\"input\": \"seg.png\"\}, this run has data.fields=\{\"input\": \"png\"\}"):
+        resume_changes(saved, now, "ckpt")
+    assert resume_changes(saved, load_config(None, ["data.fields={input: seg.png}"]), "ckpt") == []
+    with pytest.raises(ConfigError, match=r"data.fields.image is not a field dist_train maps"):
+        loader_bundle(Path("/nonexistent"), "data.fields={image: png}")
+    with pytest.raises(ConfigError, match=r"data.fields.input=txt: dist_train decodes images"):
+        loader_bundle(Path("/nonexistent"), "data.fields={input: txt}")
