@@ -236,7 +236,11 @@ class MemberReader:
     def __init__(self, stream, url: str, entry: ShardEntry) -> None:
         self.url, self.entry = url, entry
         self.buffered = io.BufferedReader(stream, 1 << 20)  # detached at the end: the caller owns `stream`
-        self.tar = _decompressed(self.buffered)
+        try:
+            self.tar = _decompressed(self.buffered)
+        except BaseException:
+            self.buffered.detach()  # a collected BufferedReader would close the caller's stream
+            raise
         self.position = 0  # in the (uncompressed) tar stream
 
     def member(self, offset: int, size: int) -> bytes:
@@ -334,7 +338,7 @@ def open_foreign(cfg: DataConfig, spec: ModelSpec) -> Optional[dict[str, Foreign
     """Both splits of an index bound to the model; None when data.path holds dist_train's own shards."""
     root = index_root(cfg)
     if root is None:
-        if cfg.fields:
+        if cfg.fields and cfg.path:
             raise ConfigError(f"data.fields applies to webdataset shards dist_train did not write; data.path={cfg.path} holds shards of `dist-train data prepare` (drop data.fields)")
         return None
     indexes = {}
@@ -353,6 +357,9 @@ def _check_fields(indexes: dict[str, SplitIndex], requested: dict, root: Path) -
     train, test = indexes["train"].fields, indexes["test"].fields
     if train != test:
         raise DataError(f"index {root}: the train split maps {train.as_dict()}, the test split {test.as_dict()}; index both with the same --input/--target")
+    named = {split: bool(index.raw["target"].get("names")) for split, index in indexes.items()}
+    if named["train"] != named["test"]:
+        raise DataError(f"index {root}: one split's labels are class names, the other's integers; both splits need the same kind of label")
     differing = {k: v for k, v in requested.items() if train.as_dict()[k] != v}
     if differing:
         key = next(iter(differing))
