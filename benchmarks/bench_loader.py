@@ -11,6 +11,9 @@
 3. cnn: the tutorial CNN trained from the streaming loader (2 workers); the fraction of step time spent
    waiting for the next batch (target < 5%).
 4. read volume: what a large job (64 ranks x 8 workers) reads per epoch, old scheme vs new, computed.
+5. foreign shards: the same samples written by webdataset's own `wds.ShardWriter` (one sample per key,
+   PNG + cls, and npy + cls), indexed by `dist-train data index` and streamed as they are, vs dist_train's
+   own shards, in the same interleaved rounds as 2. (goal >= 0.9x): samples/s and the ratio.
 
 Prints a table and writes benchmarks/results/loader.json.
 """
@@ -67,6 +70,37 @@ def _npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
     return buffer.getvalue()
+
+
+def write_foreign(root: Path, splits: dict[str, Split]) -> None:
+    """The same samples as webdataset's docs write them (ShardWriter, one sample per key), then indexed."""
+    import webdataset as wds
+    from PIL import Image
+
+    from dist_train.data.index import build_index
+
+    encoders = {"foreign_png": lambda x: {"png": Image.fromarray(x[0], "L")}, "foreign_npy": lambda x: {"npy": x[0]}}
+    for name, encode in encoders.items():
+        (root / name).mkdir()
+        for split_name, split in splits.items():
+            with wds.ShardWriter(str(root / name / f"{split_name}-%06d.tar"), maxcount=4096, verbose=0) as sink:
+                for i in range(len(split)):
+                    sink.write({"__key__": split.keys[i], **encode(split.inputs[i].numpy()), "cls": int(split.targets[i])})
+        build_index([str(root / name)], root / name / "index", say=lambda line: None)
+
+
+def plain_webdataset(root: Path) -> dict:
+    """samples/s of webdataset itself reading the ShardWriter shards (1 process, decoded as webdataset does)."""
+    import webdataset as wds
+
+    rates = {}
+    for name, decode in (("foreign_png", "l8"), ("foreign_npy", None)):
+        urls = sorted(str(p) for p in (root / name).glob("train-*.tar"))
+        dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+        dataset = dataset.decode(decode) if decode else dataset.decode()
+        start, count = time.perf_counter(), sum(1 for _ in dataset)
+        rates[name] = count / (time.perf_counter() - start)
+    return rates
 
 
 def bench_layout(root: Path, split: Split) -> list[dict]:
@@ -141,13 +175,17 @@ def epoch_run(loader, barrier=lambda: None) -> dict:
     }
 
 
+FOREIGN = ("foreign_png", "foreign_npy")  # ShardWriter shards of the same samples, indexed: root/<name>/index
+
+
 def rank_loaders(root: Path, train: Split, test: Split, micro: int, workers: int, dist_env: DistEnv):
     cfg = _cfg(root, micro, workers, dist_env.world_size)
     arithmetic = batch_arithmetic(cfg.train, dist_env.world_size)
     spec = model_spec(cfg.model)
     streaming = build_streaming(cfg, spec, arithmetic, dist_env).train
     in_memory, _ = build_map_style(train, test, spec.input_shape, True, arithmetic, dist_env, 0, True, workers)
-    return {"in_memory": in_memory, "streaming": streaming}
+    foreign = {name: build_streaming(_cfg(root.parent / name / "index", micro, workers, dist_env.world_size), spec, arithmetic, dist_env).train for name in FOREIGN}
+    return {"in_memory": in_memory, "streaming": streaming, **foreign}
 
 
 def rank_rounds(root: Path, train: Split, test: Split, micro: int, repeats: int, dist_env: DistEnv, barrier=lambda: None) -> list[dict]:
@@ -166,13 +204,21 @@ def summarize(ranks: list[list[dict]], manifest: Manifest) -> list[dict]:
     size = sum(s.bytes for s in manifest.shards)
     rows = []
     for w, per_worker in enumerate(zip(*ranks)):
-        rate = {name: [] for name in ("in_memory", "streaming")}
+        rate: dict[str, list[float]] = {name: [] for name in ("in_memory", "streaming", *FOREIGN)}
         for rounds in zip(*(r["rounds"] for r in per_worker)):
             for name in rate:
                 rate[name].append(sum(r[name]["samples"] for r in rounds) / max(r[name]["seconds"] for r in rounds))
         ratios = [s / m for s, m in zip(rate["streaming"], rate["in_memory"])]
         last = [r["rounds"][-1]["streaming"] for r in per_worker]
-        rows.append({
+        foreign = {}
+        for name in FOREIGN:  # each round's foreign epoch against the same round's epoch of dist_train's own shards
+            against_own = [f / s for f, s in zip(rate[name], rate["streaming"])]
+            foreign.update({
+                f"{name}_samples_per_second": max(rate[name]), f"{name}_ratio_median": statistics.median(against_own),
+                f"{name}_ratio_min": min(against_own), f"{name}_ratio_max": max(against_own),
+                f"{name}_bytes_read_per_epoch": sum(r["rounds"][-1][name]["bytes_read"] for r in per_worker),
+            })
+        rows.append({**foreign,
             "ranks": len(ranks), "num_workers": per_worker[0]["num_workers"],
             "in_memory_samples_per_second": max(rate["in_memory"]), "streaming_samples_per_second": max(rate["streaming"]),
             "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
@@ -306,6 +352,7 @@ def main() -> None:
     train, test = make_split(args.samples, "train"), make_split(1000, "test")
     for name, split in (("train", train), ("test", test)):
         write_split(split, root / "shards" / name, name, "image", 10, 4096, 256, {})
+    write_foreign(root, {"train": train, "test": test})
     manifest = Manifest.load(root / "shards" / "train" / MANIFEST)
 
     one_rank = rank_rounds(root / "shards", train, test, args.micro_batch, args.repeats, DistEnv())
@@ -313,6 +360,7 @@ def main() -> None:
         "layout": bench_layout(root, make_split(5000, "layout")),
         "loader": summarize([one_rank], manifest) + summarize(two_rank_rounds(args, root), manifest),
         "cnn": bench_cnn(root / "shards", train, test, args.micro_batch, args.cnn_steps),
+        "plain_webdataset": plain_webdataset(root),
         "read_volume": [
             read_volume(w, k, 8, 1_281_167, 224 * 224 * 3, micro, 1024, 256)  # ImageNet-1k as 224x224 uint8, default window
             for w, k, micro in ((1, 1, 32), (2, 2, 32), (4, 4, 32), (8, 8, 32), (64, 8, 32), (64, 8, 8))
@@ -330,6 +378,13 @@ def main() -> None:
             f"{row['decodes_per_record']:>14.2f} {row['bytes_read_per_epoch'] / 1e6:>8.1f} / {row['dataset_bytes'] / 1e6:.1f} "
             f"{row['streaming_worker_peak_rss_mb']:>8.0f} {row['streaming_worker_private_mb']:>10.0f} {row['in_memory_worker_peak_rss_mb']:>13.0f}"
         )
+    print("\nforeign shards: the same samples in wds.ShardWriter shards of 4096 (PNG + cls, npy + cls), indexed, vs dist_train's own shards; ratio median [min, max] over the rounds")
+    print(f"  {'ranks':>5} {'workers':>7} {'own/s':>10} {'png/s':>10} {'png ratio':>18} {'npy/s':>10} {'npy ratio':>18} {'MB read/epoch png':>17}")
+    for row in results["loader"]:
+        cells = [f"{row[f'{n}_samples_per_second']:>10,.0f} {row[f'{n}_ratio_median']:.2f} [{row[f'{n}_ratio_min']:.2f}, {row[f'{n}_ratio_max']:.2f}]".rjust(29) for n in FOREIGN]
+        print(f"  {row['ranks']:>5} {row['num_workers']:>7} {row['streaming_samples_per_second']:>10,.0f} {cells[0]} {cells[1]} {row['foreign_png_bytes_read_per_epoch'] / 1e6:>17.1f}")
+    plain = results["plain_webdataset"]
+    print(f"  for scale, webdataset itself reading them (1 process, .decode()): png {plain['foreign_png']:,.0f}/s, npy {plain['foreign_npy']:,.0f}/s")
     for name, cnn in results["cnn"].items():
         print(f"\nCNN, {name} loader (2 workers): data wait {100 * cnn['data_wait_fraction']:.1f}% of step time, {cnn['step_ms']:.1f} ms/step", end="")
     print("\n\nread volume per epoch, computed: ImageNet-1k (1.28M samples of 224x224x3 uint8), window 1024, 256 samples/record, 8 ranks/node")

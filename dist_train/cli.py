@@ -4,6 +4,7 @@
   dist-train eval checkpoint=PATH [CONFIG] [overrides]  evaluate a checkpoint, model.pt or exported file
   dist-train export CHECKPOINT --out model.pt           plain state_dict for the tutorial model
   dist-train data prepare --source NAME --out DIR       write webdataset shards + manifest
+  dist-train data index SHARDS --out DIR               index webdataset shards dist_train did not write (tars untouched)
   dist-train data inspect DIR                           summarise a manifest, verify checksums
   dist-train launch --nproc-per-node N CONFIG [...]     build and run the torchrun command
   dist-train plot RUN_DIR [RUN_DIR ...] --out FILE      loss, LR and eval curves of runs as one PNG
@@ -77,8 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--shuffle-seed", type=int, default=0, help="samples are shuffled with this seed before they are cut into shards (recorded in the manifest), so every shard mixes classes even when the source is sorted by class")
     prepare.add_argument("--no-shuffle", action="store_true", help="write samples in the source's order")
     prepare.add_argument("--overwrite", action="store_true", help="write again even if DIR already holds shards prepared with the same options")
+    index = data_sub.add_parser(
+        "index", help="index webdataset shards written by other tools, to train on them as they are",
+        description="Writes OUT/train/manifest.json and OUT/test/manifest.json (with members tables beside them) for webdataset "
+        "shards that dist_train did not write; the tars are only read. Train with data.source=shards data.path=OUT.",
+    )
+    index.add_argument("shards", nargs="+", metavar="SHARDS", help="folders of .tar/.tar.gz shards (and their train/ test/ val/ sub-folders), tar paths, brace patterns, http(s):// URLs or pipe: commands")
+    index.add_argument("--out", required=True, help="folder for the index (never inside the tars; may be a new folder anywhere)")
+    index.add_argument("--split", choices=("auto", "train", "test"), default="auto", help="auto: by name (train*, test*/val*/eval*/dev*, or such a folder); else every shard given belongs to this split")
+    index.add_argument("--input", help="the member that is the input (default: the first of jpg jpeg png webp ppm pgm npy in the first sample)")
+    index.add_argument("--target", help="the member holding the label, EXT or EXT:KEY for a json key (default: cls, label, target, class, or a json member's label)")
     inspect = data_sub.add_parser("inspect", help="print a shard directory's manifest summary and verify checksums")
-    inspect.add_argument("path", help="shard directory (with manifest.json) or its parent")
+    inspect.add_argument("path", help="shard directory (with manifest.json) or its parent; an index, or a folder of webdataset tars")
 
     launch = sub.add_parser("launch", help="build and run a torchrun command", description="A thin torchrun wrapper: single- or multi-node with c10d rendezvous.")
     launch.add_argument("--nproc-per-node", type=int, default=1)
@@ -184,10 +195,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return export_checkpoint(args.checkpoint, args.out, args.tutorial_dict)
     if args.command == "data":
-        from .data import shards
+        from .data import index, shards
 
         if args.data_command == "prepare":
             return shards.prepare_command(args)
+        if args.data_command == "index":
+            return index.index_command(args)
+        if index.is_foreign(args.path):
+            return index.inspect_command(args)
         return shards.inspect_command(args)
     if args.command == "launch":
         from .launch import launch_command

@@ -218,6 +218,8 @@ class Trainer:
             f"({train_loader.dropped_per_epoch} samples/epoch dropped to keep global batches full); "
             f"{self.data.num_eval_samples} eval samples; {total_steps} optimizer steps planned"
         )
+        for note in self.data.notes:
+            console.print(f"data: {note}")
 
     def _train_epoch(self, total_steps: int, cadence: "_Cadence", bar: Any) -> None:
         """One pass of the train loader from its position: optimizer steps, each followed by its boundary."""

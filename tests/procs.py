@@ -11,9 +11,10 @@ import signal
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 WORKERS = Path(__file__).resolve().parent / "workers"
@@ -121,3 +122,30 @@ def assert_same_parameters(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@contextmanager
+def http_server(folder: Path, log: Path, probe: str) -> Iterator[str]:
+    """`python -m http.server` on 127.0.0.1 serving `folder` (its request log in `log`), up once `probe` (a path
+    under it) answers; yields its base URL and stops it by process group."""
+    import time
+    import urllib.request
+
+    port = free_port()
+    with open(log, "w") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)],
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/{probe}", timeout=2).read()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "http.server did not start"
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        kill_group(server)

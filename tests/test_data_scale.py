@@ -7,8 +7,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -215,25 +213,9 @@ def test_old_shuffle_key_names_its_replacement():
 def http_shards(tmp_path_factory):
     """`python -m http.server` on 127.0.0.1 serving a shard folder (one bad label), its request log kept."""
     served = write_set(tmp_path_factory.mktemp("served"), image_splits(bad_label=True))
-    port = procs.free_port()
     log = served.parent / f"{served.name}.http.log"
-    with open(log, "w") as log_file:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(served)],
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/train/{MANIFEST}", timeout=2).read()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "http.server did not start"
-                time.sleep(0.1)
-        yield served, f"http://127.0.0.1:{port}/{{split}}/{{split}}-{{000000..000004}}.tar", log
-    finally:
-        procs.kill_group(server)
+    with procs.http_server(served, log, f"train/{MANIFEST}") as base:
+        yield served, f"{base}/{{split}}/{{split}}-{{000000..000004}}.tar", log
 
 
 def gets(log: Path) -> dict[str, int]:

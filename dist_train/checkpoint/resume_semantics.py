@@ -19,6 +19,7 @@ import json
 from typing import Any
 
 from ..config import Config, ConfigError, all_keys, upgrade_saved_config
+from ..config.tree import MAPPING_LEAVES
 
 APPLIED, REPLANNED, REFUSED = "applied", "replanned", "refused"
 
@@ -39,6 +40,7 @@ RESUME_SEMANTICS: dict[str, tuple[str, str]] = {
     "data.cache_dir": (APPLIED, "a cache only holds verified copies of the shards"),
     "data.cache_max_bytes": (APPLIED, ""),
     "data.skip_bad_samples": (APPLIED, ""),
+    "data.fields": (REFUSED, "it decides what each sample's input and label are"),
     "optim.name": (REFUSED, "the optimizer state belongs to this optimizer"),
     "optim.lr": (APPLIED, "the new peak LR takes effect at the resumed step, on the same schedule position"),
     "optim.momentum": (APPLIED, "set in every parameter group"),
@@ -84,7 +86,7 @@ def semantics_of(key: str) -> tuple[str, str]:
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        if isinstance(value, dict) and key != "kwargs":
+        if isinstance(value, dict) and f"{prefix}{key}" not in MAPPING_LEAVES:
             out.update(_flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value

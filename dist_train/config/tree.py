@@ -49,7 +49,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = _f("digits", "digits | synthetic_linear | random | fashion_mnist | mnist | cifar10 | image_folder | shards, or 'package.module:function' returning (train, eval) map-style datasets")
-    path: Optional[str] = _f(None, "dataset root (torchvision formats, image folder) or shard directory (source=shards)")
+    path: Optional[str] = _f(None, "dataset root (torchvision formats, image folder); source=shards: what `data prepare` or `data index` wrote, or a folder of webdataset tars (indexed on first use into data.cache_dir)")
     download: bool = _f(False, "torchvision sources: download into data.path when missing (needs network)")
     num_samples: int = _f(1024, "synthetic_linear / random: number of generated samples")
     test_fraction: float = _f(0.2, "digits, synthetic and image folder: held-out fraction for evaluation")
@@ -60,6 +60,7 @@ class DataConfig:
     cache_dir: Optional[str] = _f(None, "source=shards: node-local folder where remote shards (http(s)://, pipe:) are downloaded once per node, verified against the manifest's sha256, and shared by the node's ranks and workers")
     cache_max_bytes: int = _f(50 * 2**30, "source=shards: data.cache_dir's size limit; the least recently used shards are evicted beyond it")
     shard_urls: Optional[str] = _f(None, "source=shards: read shards from here instead of data.path/{split}/ (manifests stay in data.path): a brace pattern of paths, http(s):// URLs or a pipe: command, {split} = train|test, e.g. 'https://host/d/{split}/{split}-{000000..000005}.tar'")
+    fields: dict = _f({}, "source=shards on webdataset shards dist_train did not write: the member that is the input and the one holding the label, where webdataset's conventions (jpg/jpeg/png/webp/ppm/pgm or npy input; cls/label/target, or a json member's label) don't find them, e.g. {input: seg.png, target: 'json:category'}; fixed when the index is built")
 
 
 @dataclass
@@ -208,12 +209,16 @@ def raw_config(path: Optional[str | Path] = None, overrides: typing.Sequence[str
     return raw
 
 
+# Keys whose value is a mapping of the user's own (not a section): one leaf each, compared and hashed whole.
+MAPPING_LEAVES = frozenset({"model.kwargs", "data.fields"})
+
+
 def explicit_keys(raw: dict, prefix: str = "") -> set[str]:
     """Dotted keys a raw config sets (as opposed to defaults); launchers' settings may fill only the others."""
     keys = set()
     for key, value in raw.items():
         keys.add(prefix + key)
-        if isinstance(value, dict) and key != "kwargs":
+        if isinstance(value, dict) and prefix + key not in MAPPING_LEAVES:
             keys |= explicit_keys(value, prefix + key + ".")
     return keys
 
@@ -458,7 +463,7 @@ def batch_arithmetic(train: TrainConfig, world_size: int) -> BatchArithmetic:
 
 
 def leaf_fields(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field]]:
-    """(dotted key, field) for every leaf of the tree, in declaration order (model.kwargs is one leaf)."""
+    """(dotted key, field) for every leaf of the tree, in declaration order (model.kwargs, data.fields: one leaf each)."""
     for key, f, _ in _leaves(cls, prefix):
         yield key, f
 

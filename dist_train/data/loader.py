@@ -62,6 +62,7 @@ class DataBundle:
     eval: Any
     num_train_samples: int
     num_eval_samples: int
+    notes: tuple[str, ...] = ()  # shown at start under "data:" (how indexed webdataset shards are fitted to the model)
 
 
 class InMemoryDataset(Dataset):

@@ -17,19 +17,20 @@ here, once per node, and stored beside the arrays: every process sees the same v
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from ..config import BatchArithmetic
 from .remote import ShardCache, file_lock, open_shard, sha_mismatch
-from .shards import DataError, Manifest, bad_sample_reasons, checked_records, close_shard_stream, decode_record
+from .shards import DataError, Manifest, bad_sample_reasons, close_shard_stream
 
 
 def node_scratch(cache_dir: Optional[str], room_needed: int) -> Path:
@@ -132,6 +133,9 @@ class DecodedShard:
     reasons: dict[int, str]  # row -> why it must not reach the model
 
 
+DECODE_AHEAD = 2  # shards a consumer may decode for later while it waits: bounds what the store holds beyond the window
+
+
 class SharedShards:
     """One process's handle on a pass folder: get a decoded shard (decoding it if nobody has), release it when done."""
 
@@ -151,14 +155,40 @@ class SharedShards:
         d = self.plan.directory
         return d / f"shard-{shard}", d / f"shard-{shard}.lock", d / f"shard-{shard}.done"
 
-    def get(self, shard: int) -> DecodedShard:
+    def get(self, shard: int, ahead: Callable[[], Sequence[int]] = tuple) -> DecodedShard:
+        """`ahead()`: the shards this consumer needs next. While another process decodes `shard`, this one
+        decodes one of those that nobody has started instead of waiting: the node's consumers need the shards
+        in nearly the same order, so without this they take turns decoding one shard at a time (what costs
+        with webdataset shards of images, ~100 us a PNG: benchmarks/bench_loader.py)."""
         if shard not in self.held:
             final, lock, _ = self._paths(shard)
-            with file_lock(lock):
+            if not self._decoded_unless_busy(shard):
+                for candidate in ahead()[:DECODE_AHEAD]:
+                    self._decoded_unless_busy(candidate)
+                    if (final / "meta.json").is_file():
+                        break
+            with file_lock(lock):  # another process is decoding it: wait for it
                 if not (final / "meta.json").is_file():
                     self._decode(shard, final)
             self.held[shard] = _load(final)
         return self.held[shard]
+
+    def _decoded_unless_busy(self, shard: int) -> bool:
+        """Decode `shard` if it is not decoded and nobody is decoding it; False only if somebody is."""
+        final, lock, _ = self._paths(shard)
+        if (final / "meta.json").is_file():
+            return True
+        with open(lock, "a+b") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            try:
+                if not (final / "meta.json").is_file():
+                    self._decode(shard, final)
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return True
 
     def release(self, shard: int) -> None:
         """This consumer is done with `shard`; the node's last consumer deletes it."""
@@ -214,11 +244,11 @@ class SharedShards:
         finished = False
         try:
             row = 0
-            for index, raw in checked_records(url, entry, counts, first_record, stream):
+            for index, raw in manifest.read_records(url, entry, first_record, stream):
                 count = counts[index]
                 self.decoded_records += 1
                 try:
-                    record = decode_record(raw, manifest, count)
+                    record = manifest.decode(raw, count)
                 except Exception as e:  # noqa: BLE001 - any decode failure: every sample of the record is bad
                     record_keys = keys_or_placeholders(raw, count)
                     why = f"shard {entry.name} record {raw['__key__']} fails to decode: {type(e).__name__}: {e}"
@@ -275,6 +305,8 @@ def _fill_targets(parts: list[Optional[np.ndarray]], counts: list[int], manifest
 
 
 def keys_or_placeholders(raw: dict, count: int) -> list[str]:
+    if isinstance(raw.get("keys"), list) and len(raw["keys"]) == count:  # an indexed webdataset shard's record (foreign.py)
+        return [str(k) for k in raw["keys"]]
     try:
         keys = json.loads(raw["keys.json"])
         if isinstance(keys, list) and len(keys) == count:

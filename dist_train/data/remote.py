@@ -89,7 +89,7 @@ def _open_url(url: str, shard_name: str) -> BinaryIO:
 def sha_mismatch(entry: ShardEntry, url: str, digest: str, size: int) -> str:
     return (
         f"shard {entry.name} ({url}): its bytes have sha256 {digest[:12]}... ({size} bytes), the manifest says "
-        f"{entry.sha256[:12]}... ({entry.bytes} bytes); the shard was changed after `dist-train data prepare` or damaged in transit"
+        f"{entry.sha256[:12]}... ({entry.bytes} bytes); the shard was changed after its manifest was written (`dist-train data prepare` or `data index`) or damaged in transit"
     )
 
 

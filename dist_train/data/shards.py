@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -109,6 +109,17 @@ class Manifest:
             )
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"manifest {path} is not a dist_train shard manifest: {e}") from None
+
+    def shard_urls(self) -> tuple[str, ...]:
+        """Where each shard is read from unless data.shard_urls says otherwise: beside the manifest."""
+        return tuple(str(self.directory / s.name) for s in self.shards)
+
+    def read_records(self, url: str, entry: ShardEntry, first_record: int, stream) -> Iterator[tuple[int, dict]]:
+        """(record index, raw record) of one shard from `first_record` on (foreign.py reads indexed webdataset shards)."""
+        return checked_records(url, entry, self.records_in(entry), first_record, stream)
+
+    def decode(self, raw: dict, count: int) -> "Record":
+        return decode_record(raw, self, count)
 
     def describe(self) -> str:
         size = sum(s.bytes for s in self.shards)
@@ -216,6 +227,7 @@ class Record:
     inputs: np.ndarray
     targets: np.ndarray
     keys: list[str]
+    failures: dict[int, str] = field(default_factory=dict)  # row -> why that sample failed to decode (its inputs are zeros)
 
 
 def decode_record(raw: dict, manifest: Manifest, expected_count: int) -> Record:
@@ -238,7 +250,7 @@ IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: such a label is d
 
 def bad_sample_reasons(record: Record, manifest: Manifest) -> dict[int, str]:
     """Samples of a decoded record that must not reach the model: row -> why (labels out of range, non-finite inputs)."""
-    reasons: dict[int, str] = {}
+    reasons: dict[int, str] = dict(record.failures)
     if manifest.num_classes:
         labels = record.targets.reshape(len(record.keys), -1)
         out = ((labels < 0) | (labels >= manifest.num_classes)) & (labels != IGNORE_INDEX)
@@ -472,12 +484,22 @@ def inspect_command(args: argparse.Namespace) -> int:
     problems = []
     for path in find_manifests(Path(args.path)):
         manifest = Manifest.load(path)
-        print(manifest.describe())
-        for entry in manifest.shards:
-            problem = verify_shard(manifest.directory, entry)
-            print(f"  {entry.name}: {entry.count} samples, {entry.bytes} bytes, " + (problem or "sha256 ok"))
-            if problem:
-                problems.append(problem)
+        problems += report_checks(manifest.describe(), ((entry, verify_shard(manifest.directory, entry)) for entry in manifest.shards))
+    return conclude_checks(problems)
+
+
+def report_checks(summary: str, checks: Iterator[tuple[ShardEntry, Optional[str]]]) -> list[str]:
+    """`data inspect`'s lines for one split (its own shards, or an index's: index.py): the problems found."""
+    print(summary)
+    problems = []
+    for entry, problem in checks:
+        print(f"  {entry.name}: {entry.count} samples, {entry.bytes} bytes, " + (problem or "sha256 ok"))
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def conclude_checks(problems: list[str]) -> int:
     if problems:
         raise DataError(f"{len(problems)} bad shard(s): " + "; ".join(problems))
     print("all checksums verified")

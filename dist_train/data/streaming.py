@@ -19,10 +19,12 @@ worker count. Each step's data is checked on every rank before it is handed out 
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import uuid
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -34,10 +36,11 @@ from ..config import BatchArithmetic, Config, ConfigError, DataConfig
 from ..distributed.environment import DistEnv
 from ..models import ModelSpec
 from .agreement import StepAgreement
+from .foreign import describe_plan, open_foreign
 from .loader import DataBundle, GlobalBatchPlan, MapStyleTrainLoader, _identity, worker_seed_generator
-from .node_store import PASS_PREFIX, PassPlan, SharedShards, decoded_shard_bytes, enter_pass, keys_or_placeholders, leave_pass, node_scratch
+from .node_store import DECODE_AHEAD, PASS_PREFIX, PassPlan, SharedShards, decoded_shard_bytes, enter_pass, keys_or_placeholders, leave_pass, node_scratch
 from .remote import ShardCache, open_shard
-from .shards import MANIFEST, DataError, Manifest, Record, bad_sample_reasons, checked_records, close_shard_stream, decode_record
+from .shards import MANIFEST, DataError, Manifest, Record, bad_sample_reasons, close_shard_stream
 from .sources import SourceData, Split, check_compatible
 from .transforms import adapt_images
 
@@ -73,14 +76,16 @@ class ShardSource:
         return np.dtype(np.int64) if self.manifest.num_classes else np.dtype(np.float32)
 
 
-def open_split(cfg: DataConfig, split: str) -> ShardSource:
-    if not cfg.path:
-        raise ConfigError("data.source=shards needs data.path: the directory `dist-train data prepare --out DIR` wrote")
-    manifest = Manifest.load(Path(cfg.path) / split / MANIFEST)
+def open_split(cfg: DataConfig, split: str, manifest: Optional[Manifest] = None) -> ShardSource:
+    """`manifest`: the split of an index of webdataset shards (foreign.py); None reads data.path/SPLIT/manifest.json."""
+    if manifest is None:
+        if not cfg.path:
+            raise ConfigError("data.source=shards needs data.path: the directory `dist-train data prepare --out DIR` or `dist-train data index ... --out DIR` wrote")
+        manifest = Manifest.load(Path(cfg.path) / split / MANIFEST)
     if not manifest.shards:
         raise DataError(f"manifest {manifest.path} lists no shards")
     if not cfg.shard_urls:
-        return ShardSource(manifest, tuple(str(manifest.directory / s.name) for s in manifest.shards))
+        return ShardSource(manifest, manifest.shard_urls())
     from webdataset.shardlists import expand_urls
 
     urls = expand_urls(cfg.shard_urls.replace("{split}", split))
@@ -217,7 +222,7 @@ class _StreamCursor:
         stream = open_shard(url, entry, self.source.cache)
         finished = False
         try:
-            yield from checked_records(url, entry, self.source.manifest.records_in(entry), first_record, stream)
+            yield from self.source.manifest.read_records(url, entry, first_record, stream)
             finished = True
         finally:
             close_shard_stream(stream, entry.name, url, finished)
@@ -228,7 +233,7 @@ class _StreamCursor:
         count = manifest.records_in(entry)[index]
         self.decoded_records += 1
         try:
-            record: Record = decode_record(raw, manifest, count)
+            record: Record = manifest.decode(raw, count)
         except Exception as e:  # noqa: BLE001 - any decode failure: name the shard and the samples
             keys = keys_or_placeholders(raw, count)
             reason = f"shard {entry.name} record {raw['__key__']} fails to decode: {type(e).__name__}: {e}"
@@ -244,6 +249,11 @@ class _StreamCursor:
             self.bad_reasons[str(record.keys[row])] = reason
             bad[row] = True
         return Chunk(record.inputs, record.targets.astype(self.source.target_dtype, copy=False), np.array(record.keys, object), bad)
+
+
+def _upcoming(uses: dict[int, int], shard: int) -> list[int]:
+    """The shards after `shard` that a consumer still needs, nearest first (stream order is shard order)."""
+    return heapq.nsmallest(DECODE_AHEAD, (s for s in uses if s > shard))
 
 
 def bad_reports(chunk: Chunk, cursor: _StreamCursor) -> list[str]:
@@ -313,7 +323,7 @@ class RankEpochStream(IterableDataset):
             if plan.worker_of(index) != worker:
                 continue
             positions = self._stream_positions(start, micro, permutations)
-            inputs, targets, keys, reports = self._gather(store, positions, self.with_keys)
+            inputs, targets, keys, reports = self._gather(store, positions, self.with_keys, uses)
             for shard in [s for s, last in uses.items() if last == index]:
                 del uses[shard]
                 store.release(shard)
@@ -338,8 +348,9 @@ class RankEpochStream(IterableDataset):
             parts.append(j * size + permutations[j][lo:hi])
         return np.concatenate(parts)
 
-    def _gather(self, store: SharedShards, positions: np.ndarray, with_keys: bool) -> tuple[np.ndarray, np.ndarray, Optional[list[str]], list[tuple[str, str]]]:
-        """Rows at these stream positions, in order, without the bad ones; (key, why) per bad sample."""
+    def _gather(self, store: SharedShards, positions: np.ndarray, with_keys: bool, uses: Optional[dict[int, int]] = None) -> tuple[np.ndarray, np.ndarray, Optional[list[str]], list[tuple[str, str]]]:
+        """Rows at these stream positions, in order, without the bad ones; (key, why) per bad sample.
+        `uses`: the shards this consumer still needs (it may decode the next ones while it waits for one)."""
         shards = self.plan.shard_of(positions)
         keep = np.ones(len(positions), bool)
         inputs = np.empty((len(positions), *self.plan.manifest.shape), np.uint8 if self.plan.manifest.kind == "image" else np.float32)
@@ -348,7 +359,7 @@ class RankEpochStream(IterableDataset):
         reports = []
         for shard in np.unique(shards).tolist():
             where = np.flatnonzero(shards == shard)
-            decoded = store.get(shard)
+            decoded = store.get(shard, partial(_upcoming, uses or {}, shard))
             rows = positions[where] - decoded.offset
             inputs[where] = decoded.inputs[rows]
             if targets is None:
@@ -596,7 +607,8 @@ def build_streaming(cfg: Config, spec: ModelSpec, arithmetic: BatchArithmetic, d
     if cfg.data.cache_max_bytes < 1:
         raise ConfigError(f"data.cache_max_bytes must be positive, got {cfg.data.cache_max_bytes}")
     cache = ShardCache(Path(cfg.data.cache_dir), cfg.data.cache_max_bytes) if cfg.data.cache_dir else None
-    train, test = (replace(open_split(cfg.data, split), cache=cache) for split in ("train", "test"))
+    foreign = open_foreign(cfg.data, spec)  # None: dist_train's own shards
+    train, test = (replace(open_split(cfg.data, split, foreign[split] if foreign else None), cache=cache) for split in ("train", "test"))
     for source in (train, test):
         check_fits(source, spec)
     order = StreamOrder(tuple(s.count for s in train.manifest.shards), cfg.train.seed, cfg.data.shuffle, cfg.data.shuffle_window)
@@ -606,4 +618,5 @@ def build_streaming(cfg: Config, spec: ModelSpec, arithmetic: BatchArithmetic, d
         node_scratch(cfg.data.cache_dir, 4 * decoded_shard_bytes(train.manifest)), job_token(dist_env), control_group,
     )
     eval_loader = StreamingEvalLoader(test, max(arithmetic.micro_batch_size, 256), dist_env, spec.input_shape, cfg.data.skip_bad_samples)
-    return DataBundle(train_loader, eval_loader, train.num_samples, test.num_samples)
+    notes = (describe_plan(foreign, spec),) if foreign else ()
+    return DataBundle(train_loader, eval_loader, train.num_samples, test.num_samples, notes)
