@@ -12,6 +12,10 @@ command -v munged >/dev/null || need+=(munge)
 command -v mpirun >/dev/null || need+=(openmpi-bin)
 # strace for tests/test_groups.py (which files a save fsyncs) and the per-node read counts of the emulated cluster.
 command -v strace >/dev/null || need+=(strace)
+# The emulated cluster (tests/cluster.py): network namespaces and a bridge (iproute2's ip), mount/UTS/PID
+# namespaces (util-linux's unshare, nsenter, mount).
+command -v ip >/dev/null || need+=(iproute2)
+{ command -v unshare && command -v nsenter && command -v mount; } >/dev/null || need+=(util-linux mount)
 if ((${#need[@]})); then
   if [ "$(id -u)" != 0 ]; then echo "install as root: ${need[*]}" >&2; exit 1; fi
   apt-get update -qq
