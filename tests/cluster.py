@@ -18,8 +18,8 @@ traffic flows only between the nodes of this cluster: nothing reaches the host o
 
   `Node.run(cmd, env=None, timeout=300, cwd=REPO, check=True)`  -> tests.procs.Result, like tests/procs.run
   `Node.popen(cmd, env=None, cwd=REPO, **popen_kwargs)`         -> subprocess.Popen (its own session)
-        Both start the command inside the node (nsenter into its init's namespaces; the command is a child in
-        the node's PID namespace), with the environment cleaned as tests/procs.clean_env does (no launcher
+        Both start the command inside the node (nsenter into its init's namespaces; the command is a child of
+        nsenter, in the node's PID namespace: end a popen'd one with tests.procs.kill_group, not Popen.kill), with the environment cleaned as tests/procs.clean_env does (no launcher
         variables), in its own session so `tests.procs.kill_group` ends it with everything it started.
   `Node.kill_all()`  a power loss: SIGKILL to the node's init, by PID; the kernel kills every process of the
         node's PID namespace with it, atomically (nothing can fork away). Returns once they are all gone. The
@@ -30,6 +30,8 @@ traffic flows only between the nodes of this cluster: nothing reaches the host o
   `Cluster.cut(node)` / `Cluster.restore(node)`  take the node's bridge port out of the bridge / put it back.
         Neither side sees a link change or gets an error: packets vanish, as when a switch port dies, so TCP
         peers hang until their own timeouts.
+  `Cluster.run_together([(node, cmd), ...], env=None, timeout=300, check=True)` -> [Result]: one command per
+        node started at once (a multi-node launch), all killed on timeout.
   `Cluster.rsh_agent`  an executable `AGENT HOST COMMAND...` that runs COMMAND on node HOST with the caller's
         stdio, for Open MPI's `--mca plm_rsh_agent` (tests/node_rsh.py; served from the host over a Unix socket).
 
@@ -161,7 +163,7 @@ class Node:
         (self.dir / "hosts").write_text(self.hosts_file())
         spec = {
             "hostname": self.hostname, "hosts_file": str(self.dir / "hosts"), "shared": [str(p) for p in self.cluster.shared_dirs],
-            "lifeline_fd": self.cluster.lifeline, "scratch": None, "scratch_mount": None,
+            "lifeline_fd": self.cluster.lifeline, "scratch": None, "scratch_mount": None, "shm_size": self.cluster.shm_size,
         }  # fmt: skip
         if self.scratch is not None:
             (self.dir / "scratch").mkdir(exist_ok=True)
@@ -248,7 +250,8 @@ class Node:
         return run([*self.enter(cwd), *cmd], timeout=timeout, env=env, check=check)
 
     def popen(self, cmd: Sequence, env: Optional[dict] = None, cwd: Path | str = REPO, **kwargs) -> subprocess.Popen:
-        """A process started inside the node, in its own session; the caller waits for it (kill_all ends it too)."""
+        """A process started inside the node, in its own session; the caller waits for it (kill_all ends it too).
+        The Popen is nsenter's, in front of the command: end both with tests.procs.kill_group(proc), not proc.kill()."""
         kwargs.setdefault("stdin", subprocess.DEVNULL)
         proc = subprocess.Popen([str(c) for c in [*self.enter(cwd), *cmd]], env=clean_env(env), cwd=str(REPO), start_new_session=True, **kwargs)
         self._popens = [p for p in self._popens if p.poll() is None] + [proc]
@@ -265,6 +268,7 @@ class Cluster:
         shared: Iterable[Path | str] = (),
         loopback_hostname: Iterable[int] | bool = (),
         scratch: bool = False,
+        shm_size: Optional[str] = None,
         root: Optional[Path] = None,
     ) -> None:
         if not 1 <= num_nodes <= 4:
@@ -274,10 +278,12 @@ class Cluster:
         self.switch = f"{self.prefix}-switch"
         self._owns_root = root is None
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-"))
+        self.root.chmod(0o755)  # daemons that drop root (munged) must reach the shared directories under it
         self.shared = self.root / "shared"  # the cluster filesystem: output directories, data, logs
         # The whole root is shared (hosts files, the rsh socket, per-node scratch behind the scratch mount).
         self.shared_dirs = [self.root, *(Path(p).resolve() for p in shared)]
         self.with_scratch = scratch
+        self.shm_size = shm_size  # tmpfs size= of each node's /dev/shm (e.g. "4k", as small as a container's); None: half the RAM
         on_loopback = set(range(num_nodes)) if loopback_hostname is True else set(loopback_hostname or ())
         subnet = f"10.{200 + self.number % 50}.{os.getpid() % 250}"
         self.nodes = [Node(self, i, f"{subnet}.{i + 1}", i in on_loopback) for i in range(num_nodes)]
@@ -357,6 +363,36 @@ class Cluster:
                 os.close(fd)
         if self._owns_root:
             shutil.rmtree(self.root, ignore_errors=True)
+
+    def run_together(self, commands: Sequence[tuple[Node, Sequence]], env: Optional[dict] = None, timeout: float = 300, check: bool = True) -> list[Result]:
+        """Start every (node, command) at once, as a launcher starts one process per node; wait for all.
+        On timeout every one is killed (by process group) and the outputs so far are in the AssertionError."""
+        procs = [node.popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node, cmd in commands]
+        outputs: dict[int, tuple[str, str]] = {}
+
+        def collect(i: int, proc: subprocess.Popen) -> None:
+            outputs[i] = proc.communicate()
+
+        readers = [threading.Thread(target=collect, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+        for reader in readers:
+            reader.start()
+        deadline = time.monotonic() + timeout
+        try:
+            for reader in readers:
+                reader.join(max(deadline - time.monotonic(), 0))
+            hung = [i for i, reader in enumerate(readers) if reader.is_alive()]
+        finally:
+            for proc in procs:
+                kill_group(proc)
+        for reader in readers:
+            reader.join(10)
+        results = [Result(p.wait(), *outputs.get(i, ("", ""))) for i, p in enumerate(procs)]
+        shown = "\n".join(f"--- {node.name}: {' '.join(map(str, cmd))} -> {r.returncode}\n{r.output[-4000:]}" for (node, cmd), r in zip(commands, results))
+        if hung:
+            raise AssertionError(f"timed out after {timeout}s (a hang) on {', '.join(commands[i][0].name for i in hung)}\n{shown}")
+        if check and any(r.returncode != 0 for r in results):
+            raise AssertionError(f"a command failed\n{shown}")
+        return results
 
     # ------------------------------------------------------------ faults
 

@@ -37,7 +37,7 @@ def set_up(spec: dict) -> None:
     held = [(os.open(path, os.O_PATH | os.O_DIRECTORY), path) for path in spec["shared"]]
     scratch = os.open(spec["scratch"], os.O_PATH | os.O_DIRECTORY) if spec.get("scratch") else None
     mount("-t", "tmpfs", "-o", "mode=1777", "tmpfs", "/tmp")
-    mount("-t", "tmpfs", "-o", "mode=1777", "tmpfs", "/dev/shm")
+    mount("-t", "tmpfs", "-o", "mode=1777" + (f",size={spec['shm_size']}" if spec.get("shm_size") else ""), "tmpfs", "/dev/shm")
     for fd, path in held:
         os.makedirs(path, exist_ok=True)
         mount("--bind", f"/proc/self/fd/{fd}", path, fds=(fd,))

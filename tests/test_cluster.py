@@ -17,7 +17,7 @@ import time
 import pytest
 
 from tests.cluster import Cluster, unavailable
-from tests.procs import REPO
+from tests.procs import REPO, kill_group
 
 pytestmark = [pytest.mark.cluster, pytest.mark.skipif(bool(unavailable()), reason=unavailable() or "n/a")]
 
@@ -99,7 +99,7 @@ def test_nodes_reach_each_other_but_nothing_outside_and_a_cut_link_is_silence(cl
         assert _connect(b, "node1", timeout=10.0) == "reached node1"
     finally:
         cluster.restore(a)
-        server.kill()
+        kill_group(server)
         server.wait()
 
 
@@ -123,7 +123,7 @@ def test_kill_all_is_a_power_loss_of_one_node(cluster):
     b.boot()  # a reboot: tmpfs contents are gone, the shared directory is not
     assert b.run(["test", "!", "-e", "/tmp/kept"], check=False).returncode == 0
     assert py(b, "import socket; print(socket.gethostname())").strip() == "node2"
-    neighbour.kill()
+    kill_group(neighbour)
     neighbour.wait()
 
 
