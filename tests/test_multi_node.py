@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import Cluster, unavailable
+from tests.engines import open_mpi_missing
 from tests.procs import REPO, WORKERS, assert_same_parameters, final_model, kill_group
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.skipif(bool(unavailable()), reason=unavailable() or "n/a")]
@@ -130,16 +131,7 @@ def test_dist_train_launch_two_nodes_of_two_processes_read_each_shard_once_per_n
     assert not [f for f in node_folders[0] | node_folders[1] if Path(f).exists()]  # never in the host's /dev/shm
 
 
-def _open_mpi_missing() -> str:
-    import shutil
-
-    if shutil.which("mpirun") is None:
-        return "mpirun is not installed; run tests/install_system_deps.sh as root (Debian's openmpi-bin)"
-    version = subprocess.run(["mpirun", "--version"], capture_output=True, text=True).stdout
-    return "" if "Open MPI" in version else f"mpirun is not Open MPI's: {version.splitlines()[:1]}"
-
-
-@pytest.mark.skipif(bool(_open_mpi_missing()), reason=_open_mpi_missing() or "n/a")
+@pytest.mark.skipif(bool(open_mpi_missing()), reason=open_mpi_missing() or "n/a")
 def test_mpirun_across_two_nodes_matches_one_host(cluster, one_host):
     a, _ = cluster.nodes
     hostfile = cluster.shared / "mpi-hosts"
