@@ -132,7 +132,7 @@ class Node:
         self.port = f"p-{self.name}"  # its veth's other end, on the bridge
         self.dir = cluster.root / "nodes" / self.name
         self.scratch: Optional[Path] = cluster.root / "scratch" if cluster.with_scratch else None
-        self._init: Optional[subprocess.Popen] = None  # `ip netns exec ... unshare`, the parent of the init
+        self._init: Optional[subprocess.Popen] = None  # `nsenter --net ... unshare`, the parent of the init
         self._init_pid: Optional[int] = None
         self._popens: list[subprocess.Popen] = []
 
@@ -169,7 +169,7 @@ class Node:
             (self.dir / "scratch").mkdir(exist_ok=True)
             spec.update(scratch=str(self.dir / "scratch"), scratch_mount=str(self.scratch))
         cmd = [
-            "ip", "netns", "exec", self.netns, "unshare", "--mount", "--uts", "--ipc", "--pid", "--fork", "--mount-proc",
+            "nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--mount", "--uts", "--ipc", "--pid", "--fork", "--mount-proc",
             "--propagation", "private", sys.executable, "-S", str(INIT), json.dumps(spec),
         ]  # fmt: skip
         with open(self.dir / "init.log", "ab") as log:

@@ -1,10 +1,11 @@
 """PID 1 of one emulated node (tests/cluster.py): sets the node up from inside its namespaces, then reaps.
 
-Started by the cluster as `ip netns exec NETNS unshare --mount --uts --ipc --pid --fork --mount-proc
---propagation private python node_init.py SPEC_JSON`, so it already has the node's network, and fresh mount,
-UTS, IPC and PID namespaces of its own. It gives the node its hostname, its /etc/hosts (a bind mount of the
-file the cluster wrote), an empty /tmp and /dev/shm (tmpfs), the shared directories at the same paths as on
-the host, and its scratch directory; then prints "ready" and stays as the node's init. It imports nothing of
+Started by the cluster as `nsenter --net=/run/netns/NETNS unshare --mount --uts --ipc --pid --fork
+--mount-proc --propagation private python node_init.py SPEC_JSON`, so it already has the node's network, and
+fresh mount, UTS, IPC and PID namespaces of its own. It gives the node its hostname, its /etc/hosts (a bind
+mount of the file the cluster wrote), a /sys that shows the node's network devices (with the host's cgroup
+tree kept: slurmd refuses to start without one), an empty /tmp and /dev/shm (tmpfs), the shared directories
+at the same paths as on the host, and its scratch directory; then prints "ready" and stays as the node's init. It imports nothing of
 the project: it runs before the node can see anything but what is mounted.
 
 The node lives exactly as long as this process. It exits when its lifeline (a pipe whose write end only the
@@ -32,6 +33,13 @@ def mount(*args: str, fds: tuple[int, ...] = ()) -> None:
 def set_up(spec: dict) -> None:
     socket.sethostname(spec["hostname"])
     mount("--bind", spec["hosts_file"], "/etc/hosts")
+    # sysfs shows the network devices of the namespace that mounts it (what `ip netns exec` does, which
+    # would also lose the cgroup mounts under /sys).
+    cgroups = os.open("/sys/fs/cgroup", os.O_PATH | os.O_DIRECTORY) if os.path.isdir("/sys/fs/cgroup") else None
+    mount("-t", "sysfs", "sysfs", "/sys")
+    if cgroups is not None:
+        mount("--rbind", f"/proc/self/fd/{cgroups}", "/sys/fs/cgroup", fds=(cgroups,))
+        os.close(cgroups)
     # The shared directories may lie under /tmp (pytest's tmp_path), which the private tmpfs is about to
     # cover: hold each by an O_PATH descriptor and bind it back at its own path once /tmp is the node's.
     held = [(os.open(path, os.O_PATH | os.O_DIRECTORY), path) for path in spec["shared"]]

@@ -42,6 +42,7 @@ def test_each_node_has_its_own_hostname_address_and_hosts_file(cluster):
         shown = py(node, "import socket; print(socket.gethostname(), *(socket.gethostbyname(f'node{i}') for i in (1, 2, 3)))")
         assert shown.split() == [node.hostname, a.address, b.address, c.address]
         assert f"{node.address}/24" in node.run(["ip", "-o", "-4", "addr", "show", "dev", "eth0"]).stdout
+        assert sorted(node.run(["ls", "/sys/class/net"]).stdout.split()) == ["eth0", "lo"]  # sysfs of its own network
     # Debian's trap on node3: its own name is 127.0.1.1 there, its real address everywhere else.
     assert py(c, "import socket; print(socket.gethostbyname('node3'), socket.gethostbyname('node1'))").split() == ["127.0.1.1", a.address]
 
