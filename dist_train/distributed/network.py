@@ -82,6 +82,19 @@ def _is_loopback(address: Optional[str]) -> bool:
     return address is None or ipaddress.ip_address(address).is_loopback
 
 
+def _rendezvous_on_loopback(master_addr: str, hostname: str) -> bool:
+    """The rendezvous is this machine's loopback (`127.0.0.1`, `localhost`, a name mapped to it): every rank
+    reached it there, so every rank is on this machine (several "nodes" of one host: pods, emulated nodes).
+    This machine's own hostname does not count: resolving to loopback here is the very trap, and peers on
+    other machines resolve it to this machine's real address."""
+    if master_addr.split(".")[0] == hostname.split(".")[0]:
+        return False
+    try:
+        return _is_loopback(socket.gethostbyname(master_addr))
+    except OSError:
+        return False
+
+
 def choose_gloo_interface(dist_env: DistEnv, environ: Mapping[str, str]) -> Optional[tuple[str, str]]:
     """(interface, the line that says so) when gloo must be told which interface to use, else None.
 
@@ -90,7 +103,7 @@ def choose_gloo_interface(dist_env: DistEnv, environ: Mapping[str, str]) -> Opti
     if environ.get(GLOO_SOCKET_IFNAME) or dist_env.world_size <= dist_env.local_world_size:
         return None  # the user chose, or every rank is on this machine (where loopback is right)
     hostname, address = socket.gethostname(), hostname_address()
-    if not _is_loopback(address):
+    if not _is_loopback(address) or _rendezvous_on_loopback(dist_env.master_addr, hostname):
         return None
     candidates = [i for i in interfaces() if i.up and not i.loopback]
     source = _route_source(dist_env.master_addr, dist_env.master_port)
