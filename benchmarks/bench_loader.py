@@ -11,12 +11,13 @@
 3. cnn: the tutorial CNN trained from the streaming loader (2 workers); the fraction of step time spent
    waiting for the next batch (target < 5%).
 4. read volume: what a large job (64 ranks x 8 workers) reads per epoch, old scheme vs new, computed.
-5. per node: 2 nodes x 2 ranks x 2 workers on the emulated cluster (tests/cluster.py; needs root), each node
-   its own host with its own /dev/shm: bytes each node reads per epoch, measured by strace on that node (the
-   read calls on shard files) and by the loader's counters, against the split's size (goal: 1.00, within
-   5%), and what the old scheme would read there (computed as in 4). `--only-nodes` runs this section alone.
 
-Prints a table and writes benchmarks/results/loader.json (loader_nodes.json with --only-nodes).
+Prints a table and writes benchmarks/results/loader.json.
+
+Per node: 2 nodes x 2 ranks x 2 workers on the emulated cluster (tests/cluster.py; needs root), each node its
+own host with its own /dev/shm: bytes each node reads per epoch, measured by strace on that node (the read
+calls on shard files) and by the loader's counters, against the split's size (goal: 1.00, within 5%), and
+what the old scheme would read there (computed as in 4). `--only-nodes` runs it alone (loader_nodes.json).
 """
 
 from __future__ import annotations
@@ -256,7 +257,7 @@ def read_volume(world_size: int, workers: int, ranks_per_node: int, samples: int
     }
 
 
-# ---------------------------------------------------------------- 5. per node, on the emulated cluster
+# ---------------------------------------------------------------- per node, on the emulated cluster
 
 NODES, RANKS_PER_NODE, WORKERS_PER_RANK = 2, 2, 2
 
@@ -399,7 +400,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cnn-steps", type=int, default=60)
     parser.add_argument("--dir", default="/tmp/bench_loader")
-    parser.add_argument("--only-nodes", action="store_true", help="run section 5 (per node, emulated cluster) alone")
+    parser.add_argument("--only-nodes", action="store_true", help="run the per-node section (emulated cluster) alone")
     parser.add_argument("--rank-job", help=argparse.SUPPRESS)  # internal: one rank of the 2-rank rounds
     parser.add_argument("--node-epochs", help=argparse.SUPPRESS)  # internal: one rank of the 2-node job
     args = parser.parse_args()

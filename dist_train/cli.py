@@ -103,11 +103,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if classified is None:
             raise
         kind, message, code = classified
-        from .distributed.environment import MachineError
-
-        if kind in ("config error", "launch error") and not isinstance(e, MachineError):
+        if kind in ("config error", "launch error"):
             return _said_once(kind, message, code)
-        # Data, checkpoint and storage errors, and a machine's own setup, may be one rank's: every rank that has one says so.
+        # Data, checkpoint and storage errors may be one rank's own: every rank that has one says so.
         rank = _global_rank()
         print(f"dist-train: {kind}{f' (rank {rank})' if rank else ''}: {message}", file=sys.stderr, flush=True)
         return code

@@ -188,16 +188,19 @@ def test_a_hostname_that_resolves_to_loopback_gets_the_interface_towards_the_oth
             job = DistEnv(world_size=2, local_world_size=1, num_nodes=2, master_addr="node1", master_port=29400)
             print(choose_gloo_interface(job, {"GLOO_SOCKET_IFNAME": "eth0"}), choose_gloo_interface(DistEnv(world_size=2, local_world_size=2), {}),
                   *(choose_gloo_interface(DistEnv(world_size=2, local_world_size=1, num_nodes=2, master_addr=m), {}) for m in ("127.0.0.1", "localhost")))
+            from dist_train.errors import classify
             try:
                 choose_gloo_interface(job, os.environ)
             except MachineError as e:
                 print(e)
+                print(*classify(e)[::2])  # said by the ranks of this machine (not only rank 0), exit 2
         """)
         shown = a.run([PY, "-c", probe]).stdout.splitlines()
         # Set by the user, or every rank on this machine (one launch, or "nodes" whose rendezvous is loopback): left alone.
         assert shown[0] == "None None None None"
         assert "hostname node1 resolves to 127.0.1.1 (loopback)" in shown[1] and "set GLOO_SOCKET_IFNAME" in shown[1]
         assert "eth0 (" in shown[1] and "eth1 (10.99.0.1)" in shown[1]
+        assert shown[2] == "launch error on this machine 2"
 
 
 MIRROR = """

@@ -35,11 +35,12 @@ from ..distributed.environment import DistEnv
 from ..models import ModelSpec
 from .agreement import StepAgreement
 from .loader import DataBundle, GlobalBatchPlan, MapStyleTrainLoader, _identity, worker_seed_generator
-from .node_store import PASS_PREFIX, PassPlan, SharedShards, decoded_shard_bytes, enter_pass, keys_or_placeholders, leave_pass, node_ranks, node_scratch
+from .node_store import PASS_PREFIX, PassPlan, SharedShards, decoded_shard_bytes, enter_pass, keys_or_placeholders, leave_pass, node_scratch
 from .remote import ShardCache, open_shard
 from .shards import MANIFEST, DataError, Manifest, Record, bad_sample_reasons, checked_records, close_shard_stream, decode_record
 from .sources import SourceData, Split, check_compatible
 from .transforms import adapt_images
+from .node_store import node_ranks
 
 log = logging.getLogger(__name__)
 
