@@ -104,6 +104,11 @@ def _ip(*args: str) -> None:
         raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
 
 
+def _under_private_mounts(path: Path) -> bool:
+    """Inside a node, /tmp and /dev/shm are its own: a host path under them must be shared to be seen."""
+    return any(path == top or top in path.parents for top in (Path("/tmp"), Path("/dev/shm")))
+
+
 def remove_leftovers() -> None:
     """Namespaces and root directories of clusters whose creating process is gone (a crashed session)."""
     listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
@@ -280,8 +285,10 @@ class Cluster:
         self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-"))
         self.root.chmod(0o755)  # daemons that drop root (munged) must reach the shared directories under it
         self.shared = self.root / "shared"  # the cluster filesystem: output directories, data, logs
-        # The whole root is shared (hosts files, the rsh socket, per-node scratch behind the scratch mount).
-        self.shared_dirs = [self.root, *(Path(p).resolve() for p in shared)]
+        # The whole root is shared (hosts files, the rsh socket, per-node scratch behind the scratch mount), and
+        # so are the checkout and the Python environment where the nodes' own /tmp would hide them.
+        hidden = [p for p in {REPO, Path(sys.prefix).resolve()} if _under_private_mounts(p)]
+        self.shared_dirs = [self.root, *(Path(p).resolve() for p in shared), *sorted(hidden)]
         self.with_scratch = scratch
         self.shm_size = shm_size  # tmpfs size= of each node's /dev/shm (e.g. "4k", as small as a container's); None: half the RAM
         on_loopback = set(range(num_nodes)) if loopback_hostname is True else set(loopback_hostname or ())

@@ -42,7 +42,8 @@ def set_up(spec: dict) -> None:
         os.close(cgroups)
     # The shared directories may lie under /tmp (pytest's tmp_path), which the private tmpfs is about to
     # cover: hold each by an O_PATH descriptor and bind it back at its own path once /tmp is the node's.
-    held = [(os.open(path, os.O_PATH | os.O_DIRECTORY), path) for path in spec["shared"]]
+    # Parents before children, so that a directory shared inside another one is not hidden by it.
+    held = [(os.open(path, os.O_PATH | os.O_DIRECTORY), path) for path in sorted(spec["shared"], key=lambda p: p.count("/"))]
     scratch = os.open(spec["scratch"], os.O_PATH | os.O_DIRECTORY) if spec.get("scratch") else None
     mount("-t", "tmpfs", "-o", "mode=1777", "tmpfs", "/tmp")
     mount("-t", "tmpfs", "-o", "mode=1777" + (f",size={spec['shm_size']}" if spec.get("shm_size") else ""), "tmpfs", "/dev/shm")
