@@ -10,17 +10,22 @@ traffic flows only between the nodes of this cluster: nothing reaches the host o
 
     with Cluster(2, loopback_hostname=[0]) as cluster:        # or the module-scoped pytest fixture of a test file
         a, b = cluster.nodes                                  # .name / .hostname ("node1"), .address, .interface ("eth0")
-        server = a.popen([sys.executable, "-m", "http.server", "--bind", a.address, "8000"], stdout=subprocess.PIPE)
-        result = b.run(["curl", f"http://{a.hostname}:8000/"], timeout=30)   # -> tests.procs.Result; check=True by default
+        server = a.popen([sys.executable, "-m", "http.server", "--bind", a.address, "8000"])
+        result = b.run([sys.executable, "-c", "import urllib.request as u; print(u.urlopen('http://node1:8000/').status)"])
         cluster.cut(b); cluster.restore(b)                    # a partition: b's port leaves the bridge (link stays up)
         b.kill_all(); b.boot()                                # every process of b dies at once; boot: a fresh /tmp, /dev/shm
         cluster.shared                                        # a directory every node sees (under cluster.root)
 
+  `Cluster(num_nodes=2, *, shared=(), loopback_hostname=(), scratch=False, shm_size=None, root=None)`: `shared`
+        more host directories every node sees at their paths; `loopback_hostname` the node indices (or True:
+        all) whose /etc/hosts has Debian's line; `scratch` a node-local directory at `node.scratch`; `shm_size`
+        the size of each node's /dev/shm (e.g. "1m"; multiprocessing's semaphores need a few pages of it).
   `Node.run(cmd, env=None, timeout=300, cwd=REPO, check=True)`  -> tests.procs.Result, like tests/procs.run
   `Node.popen(cmd, env=None, cwd=REPO, **popen_kwargs)`         -> subprocess.Popen (its own session)
         Both start the command inside the node (nsenter into its init's namespaces; the command is a child of
-        nsenter, in the node's PID namespace: end a popen'd one with tests.procs.kill_group, not Popen.kill), with the environment cleaned as tests/procs.clean_env does (no launcher
-        variables), in its own session so `tests.procs.kill_group` ends it with everything it started.
+        nsenter, in the node's PID namespace), with the environment cleaned as tests/procs.clean_env does (no
+        launcher variables), in a session of its own: `tests.procs.kill_group(proc)` ends it with everything
+        it started (Popen.kill would end nsenter only).
   `Node.kill_all()`  a power loss: SIGKILL to the node's init, by PID; the kernel kills every process of the
         node's PID namespace with it, atomically (nothing can fork away). Returns once they are all gone. The
         node's network namespace stays (its peers get connection resets, not silence: cut it first to have
