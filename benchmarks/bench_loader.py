@@ -16,6 +16,11 @@
    own shards, in the same interleaved rounds as 2. (goal >= 0.9x): samples/s and the ratio.
 
 Prints a table and writes benchmarks/results/loader.json.
+
+Per node: 2 nodes x 2 ranks x 2 workers on the emulated cluster (tests/cluster.py; needs root), each node its
+own host with its own /dev/shm: bytes each node reads per epoch, measured by strace on that node (the read
+calls on shard files) and by the loader's counters, against the split's size (goal: 1.00, within 5%), and
+what the old scheme would read there (computed as in 4). `--only-nodes` runs it alone (loader_nodes.json).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from dist_train.distributed.groups import ProcessGroups
 from dist_train.distributed.environment import DistEnv
 from dist_train.models import build_model, model_spec
 
+REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = (1, 28, 28)
 
@@ -297,6 +303,106 @@ def read_volume(world_size: int, workers: int, ranks_per_node: int, samples: int
     }
 
 
+# ---------------------------------------------------------------- per node, on the emulated cluster
+
+NODES, RANKS_PER_NODE, WORKERS_PER_RANK = 2, 2, 2
+
+
+def node_epochs_job(args) -> None:
+    """One rank of the 2 x 2 x 2 job: `repeats` epochs of the streaming loader; what this rank's workers read per epoch."""
+    import socket
+
+    import torch.distributed as dist
+
+    from dist_train.distributed.environment import detect_environment
+
+    dist_env = detect_environment()
+    groups = ProcessGroups.start(dist_env)
+    cfg = _cfg(Path(args.dir) / "shards", args.micro_batch, WORKERS_PER_RANK, dist_env.world_size)
+    train = build_streaming(cfg, model_spec(cfg.model), batch_arithmetic(cfg.train, dist_env.world_size), dist_env, groups.control).train
+    rows = []
+    for epoch in range(args.repeats):
+        train.set_epoch(epoch)
+        before, start = (train.bytes_read, train.decoded_records), time.perf_counter()
+        steps = sum(1 for _ in train)
+        dist.barrier()
+        rows.append({"epoch": epoch, "steps": steps, "seconds": time.perf_counter() - start,
+                     "bytes_read": train.bytes_read - before[0], "decoded_records": train.decoded_records - before[1]})
+    record = {"rank": dist_env.global_rank, "node_rank": dist_env.node_rank, "host": socket.gethostname(), "epochs": rows}
+    Path(args.node_epochs, f"rank-{dist_env.global_rank}.json").write_text(json.dumps(record))
+    groups.teardown()
+
+
+def strace_shard_bytes(prefix: Path) -> int:
+    """Bytes read from train shard files in one node's strace -ff output (PREFIX.<tid> files)."""
+    import re
+
+    total = 0
+    for part in prefix.parent.glob(f"{prefix.name}.*"):
+        for line in part.read_text(errors="replace").splitlines():
+            call = re.search(r"\b(?:p?readv?|pread64)\(\d+<[^>]*/train-\d+\.tar>.*\)\s+=\s+(\d+)$", line)
+            if call:
+                total += int(call.group(1))
+    return total
+
+
+def bench_nodes(args, root: Path, manifest: Manifest) -> dict:
+    """The job on 2 emulated nodes; per node: strace's bytes over all epochs, the loader's per epoch."""
+    sys.path.insert(0, str(REPO))
+    from tests.cluster import Cluster, unavailable
+
+    reason = unavailable()
+    if reason:
+        return {"skipped": reason}
+    out = root / "node_epochs"
+    out.mkdir(exist_ok=True)
+    with Cluster(NODES, shared=[root]) as cluster:
+        head = cluster.nodes[0]
+        job = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", str(NODES), "--nproc_per_node", str(RANKS_PER_NODE),
+            "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{head.hostname}:29400", "--rdzv_id", "bench", __file__,
+            "--node-epochs", str(out), "--samples", str(args.samples), "--micro-batch", str(args.micro_batch), "--repeats", str(args.repeats), "--dir", str(root),
+        ]  # fmt: skip
+        traces = {node.name: root / f"strace-{node.name}" / "t" for node in cluster.nodes}
+        for trace in traces.values():
+            trace.parent.mkdir(exist_ok=True)
+        strace = ["strace", "-ff", "-qq", "--seccomp-bpf", "-y", "-e", "trace=read,pread64,readv,preadv", "-o"]
+        cluster.run_together([(node, [*strace, traces[node.name], *job]) for node in cluster.nodes], env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, timeout=1200)
+        ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank-*.json"))]
+    size = sum(s.bytes for s in manifest.shards)
+    window = load_config(None, []).data.shuffle_window
+    old = read_volume(NODES * RANKS_PER_NODE, WORKERS_PER_RANK, RANKS_PER_NODE, args.samples, int(np.prod(SHAPE)), args.micro_batch, window, manifest.samples_per_record)
+    nodes = []
+    for host in sorted({r["host"] for r in ranks}):
+        mine = [r for r in ranks if r["host"] == host]
+        per_epoch = [sum(r["epochs"][e]["bytes_read"] for r in mine) for e in range(args.repeats)]
+        nodes.append({
+            "host": host, "ranks": sorted(r["rank"] for r in mine), "dataset_bytes": size, "epochs": args.repeats,
+            "strace_bytes_per_epoch": strace_shard_bytes(traces[host]) / args.repeats,
+            "loader_bytes_per_epoch": per_epoch,
+            "decoded_records_per_epoch": [sum(r["epochs"][e]["decoded_records"] for r in mine) for e in range(args.repeats)],
+            "epoch_seconds": [max(r["epochs"][e]["seconds"] for r in mine) for e in range(args.repeats)],
+            "old_scheme_bytes_per_epoch": old["old_reads_per_record"] / NODES * size,
+        })
+    return {"nodes": nodes, "records": sum(len(manifest.records_in(s)) for s in manifest.shards), "samples": args.samples, "epochs": args.repeats}
+
+
+def print_nodes(result: dict) -> None:
+    print(f"\nper node, {NODES} emulated nodes x {RANKS_PER_NODE} ranks x {WORKERS_PER_RANK} workers (tests/cluster.py): bytes read per epoch of {result.get('samples')} samples, over {result.get('epochs')} epochs")
+    if "skipped" in result:
+        print(f"  skipped: {result['skipped']}")
+        return
+    print(f"  {'node':>6} {'ranks':>6} {'split MB':>9} {'strace MB/epoch':>16} {'ratio':>6} {'loader MB/epoch [min, max]':>27} {'records/epoch':>13} {'old scheme MB':>13} {'s/epoch':>8}")
+    for node in result["nodes"]:
+        loader = node["loader_bytes_per_epoch"]
+        print(
+            f"  {node['host']:>6} {','.join(map(str, node['ranks'])):>6} {node['dataset_bytes'] / 1e6:>9.2f} {node['strace_bytes_per_epoch'] / 1e6:>16.2f} "
+            f"{node['strace_bytes_per_epoch'] / node['dataset_bytes']:>6.3f} {statistics.median(loader) / 1e6:>13.2f} [{min(loader) / 1e6:.2f}, {max(loader) / 1e6:.2f}] "
+            f"{statistics.median(node['decoded_records_per_epoch']):>13.0f} {node['old_scheme_bytes_per_epoch'] / 1e6:>13.2f} {statistics.median(node['epoch_seconds']):>8.2f}"
+        )
+    print(f"  ({result['records']} records in the split; ratio = strace bytes / split bytes, goal 1.00 within 5%)")
+
+
 # ---------------------------------------------------------------- 3. CNN data wait
 
 
@@ -340,11 +446,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cnn-steps", type=int, default=60)
     parser.add_argument("--dir", default="/tmp/bench_loader")
+    parser.add_argument("--only-nodes", action="store_true", help="run the per-node section (emulated cluster) alone")
     parser.add_argument("--rank-job", help=argparse.SUPPRESS)  # internal: one rank of the 2-rank rounds
+    parser.add_argument("--node-epochs", help=argparse.SUPPRESS)  # internal: one rank of the 2-node job
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.rank_job:
         return rank_job(args)
+    if args.node_epochs:
+        return node_epochs_job(args)
 
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
@@ -354,6 +464,13 @@ def main() -> None:
         write_split(split, root / "shards" / name, name, "image", 10, 4096, 256, {})
     write_foreign(root, {"train": train, "test": test})
     manifest = Manifest.load(root / "shards" / "train" / MANIFEST)
+    if args.only_nodes:
+        nodes = bench_nodes(args, root, manifest)
+        print_nodes(nodes)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "loader_nodes.json").write_text(json.dumps(nodes, indent=2))
+        print(f"wrote {RESULTS / 'loader_nodes.json'}")
+        return
 
     one_rank = rank_rounds(root / "shards", train, test, args.micro_batch, args.repeats, DistEnv())
     results = {
@@ -365,6 +482,7 @@ def main() -> None:
             read_volume(w, k, 8, 1_281_167, 224 * 224 * 3, micro, 1024, 256)  # ImageNet-1k as 224x224 uint8, default window
             for w, k, micro in ((1, 1, 32), (2, 2, 32), (4, 4, 32), (8, 8, 32), (64, 8, 32), (64, 8, 8))
         ],
+        "nodes": bench_nodes(args, root, manifest),
     }
     print("\n28x28 uint8, reading one shard with webdataset stages (1 process)")
     for row in results["layout"]:
@@ -391,6 +509,7 @@ def main() -> None:
     print(f"  {'ranks':>5} {'workers':>7} {'micro':>5} {'nodes':>5} {'old reads/record':>16} {'old GB':>9} {'new reads/record':>16} {'new GB':>8}")
     for row in results["read_volume"]:
         print(f"  {row['world_size']:>5} {row['workers']:>7} {row['micro']:>5} {row['nodes']:>5} {row['old_reads_per_record']:>16.1f} {row['old_gb_per_epoch']:>9,.0f} {row['new_reads_per_record']:>16} {row['new_gb_per_epoch']:>8,.0f}")
+    print_nodes(results["nodes"])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "loader.json").write_text(json.dumps(results, indent=2))
     print(f"wrote {RESULTS / 'loader.json'}")

@@ -94,10 +94,12 @@ def user_facing_message(error: BaseException) -> Optional[str]:
 def classify(error: BaseException) -> Optional[tuple[str, str, int]]:
     """(kind, one line, exit code) for an error the user can act on; None for an unexpected one."""
     from .config import ConfigError
-    from .distributed.environment import LaunchError
+    from .distributed.environment import LaunchError, MachineError
 
     if isinstance(error, ConfigError):
         return "config error", str(error), EXIT_CONFIG_ERROR
+    if isinstance(error, MachineError):  # one machine's own setup: said by its ranks (the main process may not meet it)
+        return "launch error on this machine", str(error), EXIT_CONFIG_ERROR
     if isinstance(error, LaunchError):  # like a config error, the launch command or its environment must change
         return "launch error", str(error), EXIT_CONFIG_ERROR
     in_the_way = _file_in_the_way(str(error.filename)) if isinstance(error, (FileExistsError, NotADirectoryError)) and error.filename else None

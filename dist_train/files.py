@@ -7,10 +7,12 @@ renamed over the final name. A reader sees the old file or the new one, never ha
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, IO, Union
+from typing import Callable, IO, Iterator, Union
 
 
 def atomic_write(path: Union[str, Path], data: Union[str, bytes, Callable[[IO[bytes]], None]]) -> None:
@@ -70,3 +72,14 @@ def fsync_tree(path: Union[str, Path]) -> None:
             finally:
                 os.close(fd)
         fsync_dir(folder)
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock: shared by the processes of one node, released by the kernel if the holder dies."""
+    with open(path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -67,6 +67,9 @@ def _start(config: Any, overrides: Sequence[str], raw: Optional[dict] = None) ->
     if dist_env.restarted:
         lines.append(f"dist-train: restart {dist_env.restart_count} of this job ({dist_env.launcher}): continuing from the newest checkpoint of its run")
     groups = start_process_groups(cfg, dist_env)
+    if dist_env.is_local_main:  # about this machine: said once per node
+        for note in groups.notes:
+            print(f"dist-train: {note}", flush=True)
     if not dist_env.is_main:  # rank 0's line comes from the trainer; one per other rank shows the group as launched
         print(f"dist_train: {dist_env.describe()}", flush=True)
     return cfg, groups, lines

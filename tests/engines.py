@@ -6,7 +6,17 @@ Addresses that name cluster hosts or services in production are parameters, so a
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from typing import Sequence
+
+
+def open_mpi_missing() -> str:
+    """Why Open MPI's mpirun cannot be used here ('' when it can): the tests' skip reason."""
+    if shutil.which("mpirun") is None:
+        return "mpirun is not installed; run tests/install_system_deps.sh as root (Debian's openmpi-bin)"
+    version = subprocess.run(["mpirun", "--version"], capture_output=True, text=True).stdout
+    return "" if "Open MPI" in version else f"mpirun is not Open MPI's: {version.splitlines()[:1]}"
 
 
 def pytorchjob_pod(index: int, pods: int = 2, nproc_per_node: str = "1", master_addr: str = "job-master-0", master_port: int = 23456) -> dict:

@@ -3,7 +3,7 @@
 set -euo pipefail
 need=()
 command -v g++ >/dev/null || need+=(g++)          # DeepSpeed JIT-builds a small CPU op
-# A real single-machine Slurm cluster for tests/test_slurm.py (started and stopped by the tests, never by systemd).
+# A real Slurm cluster on two emulated hosts for tests/test_slurm.py (started and stopped by the tests, never by systemd).
 command -v slurmctld >/dev/null || need+=(slurmctld)
 command -v slurmd >/dev/null || need+=(slurmd)
 command -v sbatch >/dev/null || need+=(slurm-client)
@@ -12,13 +12,12 @@ command -v munged >/dev/null || need+=(munge)
 command -v mpirun >/dev/null || need+=(openmpi-bin)
 # strace for tests/test_groups.py (which files a save fsyncs) and the per-node read counts of the emulated cluster.
 command -v strace >/dev/null || need+=(strace)
+# The emulated cluster (tests/cluster.py): network namespaces and a bridge (iproute2's ip), mount/UTS/PID
+# namespaces (util-linux's unshare, nsenter, mount).
+command -v ip >/dev/null || need+=(iproute2)
+{ command -v unshare && command -v nsenter && command -v mount; } >/dev/null || need+=(util-linux mount)
 if ((${#need[@]})); then
   if [ "$(id -u)" != 0 ]; then echo "install as root: ${need[*]}" >&2; exit 1; fi
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
-# The emulated Slurm nodes node1 and node2 are this machine; jobs resolve their names (MASTER_ADDR=node1).
-if ! getent hosts node1 >/dev/null || ! getent hosts node2 >/dev/null; then
-  if [ "$(id -u)" != 0 ]; then echo "as root, add to /etc/hosts: 127.0.0.1 node1 node2" >&2; exit 1; fi
-  echo "127.0.0.1 node1 node2  # dist_train tests: emulated Slurm nodes" >> /etc/hosts
 fi

@@ -1,29 +1,37 @@
-"""A real single-machine Slurm cluster for tests: munged, slurmctld and two slurmd (node1, node2).
+"""A real Slurm cluster for tests on two emulated hosts: slurmctld and slurmd on node1, slurmd on node2.
 
-Everything lives in one temporary directory with its own slurm.conf, munge key and socket, so nothing
-touches a system Slurm or munge. No systemd: each daemon runs in the foreground as a child of the test
-process and is stopped by its PID. Job processes (slurmstepd, the job's tasks) are not our children;
-`stop()` cancels the jobs, waits for them, and finally ends any process that still carries this
-cluster's SLURM_CONF in its environment (by PID, never by name).
+The hosts are an emulated cluster (tests/cluster.py): node1 and node2 each have their own network address,
+hostname, /etc/hosts, /tmp and /dev/shm, so `slurm/multi_node.sbatch`, preemption and requeue run across
+machines as on a real cluster (the rendezvous host is node1's address, node2's tasks reach it over the
+bridge). One munged runs on the host; its socket, the key, slurm.conf, the spool, state and logs are in the
+cluster's shared root, so every daemon and client finds them at the same path. Everything lives in that
+root (its own slurm.conf, munge key and socket), so nothing touches a system Slurm or munge. No systemd: each
+daemon runs in the foreground (slurmctld and the slurmd in their nodes) and is stopped by its process group;
+the job processes slurmd starts (slurmstepd, the tasks) live in the nodes too, and go when the nodes go.
 
-Facts this relies on (Slurm 22.05 from Debian): several slurmd may run on one host under different
-NodeNames; `AuthInfo=cred_expire=5` and the fast scheduler settings make a requeued job restart in about
-6 s; the node names must resolve (tests/install_system_deps.sh adds `127.0.0.1 node1 node2`).
+Client commands (sbatch, scontrol, squeue, scancel) run on node1, the head node: only the nodes reach the
+controller. A test's files (job scripts, logs, output_dir) must be in `tmp(name)`, a directory of the shared
+filesystem, as on a real cluster.
+
+Facts this relies on (Slurm 22.05 from Debian): `AuthInfo=cred_expire=5` and the fast scheduler settings make
+a requeued job restart in about 6 s; slurmd -N NAME on a host whose name is NAME.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
+
+from .cluster import Cluster, unavailable
+from .procs import Result, kill_group
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo", "squeue")
 NODES = ("node1", "node2")
@@ -33,16 +41,18 @@ def missing_binaries() -> list[str]:
     return [name for name in BINARIES if shutil.which(name) is None]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def why_not() -> str:
+    """Why the Slurm tests cannot run here ('' when they can)."""
+    missing = missing_binaries()
+    if missing:
+        return f"Slurm/munge binaries missing ({', '.join(missing)}); run tests/install_system_deps.sh as root"
+    return unavailable()
 
 
 SLURM_CONF = """\
 ClusterName=dist_train_test
-SlurmctldHost={hostname}(127.0.0.1)
-SlurmctldPort={ctld_port}
+SlurmctldHost={head}({head_address})
+SlurmctldPort=6817
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -74,43 +84,55 @@ PartitionName=debug Nodes={node_list} Default=YES MaxTime=INFINITE State=UP
 
 class SlurmCluster:
     def __init__(self) -> None:
-        # Not pytest's tmp_path: its parents are private to root and munged runs as user munge.
-        self.root = Path(tempfile.mkdtemp(prefix="dist_train_slurm_"))
+        self.hosts: Optional[Cluster] = None
+        self.root = Path("/nonexistent")
         self.conf = self.root / "slurm.conf"
+        self._munged: Optional[subprocess.Popen] = None
         self._daemons: list[tuple[str, subprocess.Popen]] = []
+        self._dirs = itertools.count()
 
     @property
     def env(self) -> dict:
         """Environment for Slurm client commands (and, through sbatch's --export=ALL, for the jobs)."""
         return {"SLURM_CONF": str(self.conf)}
 
+    @property
+    def head(self):
+        return self.hosts.nodes[0]
+
+    def tmp(self, name: str) -> Path:
+        """A new directory on the cluster's shared filesystem (job scripts, logs, output_dir)."""
+        path = self.hosts.shared / f"{name}-{next(self._dirs)}"
+        path.mkdir(parents=True)
+        return path
+
     # ------------------------------------------------------------ start / stop
 
     def start(self, timeout: float = 60) -> "SlurmCluster":
         if os.geteuid() != 0:
             raise RuntimeError("the test Slurm cluster runs slurmctld/slurmd as root and munged as user munge: run the Slurm tests as root")
-        unresolved = [n for n in NODES if not _resolves(n)]
-        if unresolved:
-            raise RuntimeError(f"{', '.join(unresolved)} do not resolve; run tests/install_system_deps.sh (adds '127.0.0.1 node1 node2' to /etc/hosts)")
-        for sub in ("state", "spool/node1", "spool/node2"):
+        self.hosts = Cluster(len(NODES)).start()
+        self.root = self.hosts.root / "slurm"
+        self.conf = self.root / "slurm.conf"
+        for sub in ("state", *(f"spool/{n}" for n in NODES)):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._start_munge()
         nodes = "\n".join(
-            f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={_free_port()} CPUs=4 State=UNKNOWN" for name in NODES
+            f"NodeName={node.name} NodeHostname={node.hostname} NodeAddr={node.address} Port=6818 CPUs=4 State=UNKNOWN" for node in self.hosts.nodes
         )
         self.conf.write_text(
             SLURM_CONF.format(
-                hostname=socket.gethostname().split(".")[0],
-                ctld_port=_free_port(),
+                head=self.head.hostname,
+                head_address=self.head.address,
                 root=self.root,
                 first_job_id=random.randint(1000, 9000),
                 nodes=nodes,
                 node_list=",".join(NODES),
             )
         )
-        self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
-        for name in NODES:
-            self._spawn(f"slurmd-{name}", ["slurmd", "-D", "-N", name, "-f", str(self.conf)])
+        self._spawn(self.head, "slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
+        for node in self.hosts.nodes:
+            self._spawn(node, f"slurmd-{node.name}", ["slurmd", "-D", "-N", node.name, "-f", str(self.conf)])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_daemons_alive()
@@ -131,26 +153,27 @@ class SlurmCluster:
         shutil.chown(key, "munge", "munge")
         munge_dir.chmod(0o755)
         key.chmod(0o400)
-        os.chmod(self.root, 0o755)
-        self._spawn(
-            "munged",
+        for parent in (self.root, self.hosts.root):
+            parent.chmod(0o755)
+        # On the host: the nodes reach it through its socket, a path in the shared root (Unix sockets cross network namespaces).
+        log = open(self.root / "munged.out", "wb")
+        self._munged = subprocess.Popen(
             [
                 "munged", "--foreground", f"--key-file={key}", f"--socket={munge_dir}/munge.socket",
                 f"--pid-file={munge_dir}/munged.pid", f"--log-file={munge_dir}/munged.log", f"--seed-file={munge_dir}/munged.seed",
             ],
-            user="munge",
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True, user="munge", group="munge", extra_groups=[],
         )  # fmt: skip
+        log.close()
         deadline = time.monotonic() + 20
         while not (munge_dir / "munge.socket").exists():
-            self._check_daemons_alive()
-            if time.monotonic() > deadline:
+            if self._munged.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"munged did not create its socket\n{self.logs()}")
             time.sleep(0.1)
 
-    def _spawn(self, name: str, cmd: list[str], user: Optional[str] = None) -> None:
+    def _spawn(self, node, name: str, cmd: list[str]) -> None:
         log = open(self.root / f"{name}.out", "wb")
-        extra = dict(user=user, group=user, extra_groups=[]) if user else {}
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, env={**os.environ, **self.env}, start_new_session=True, **extra)
+        proc = node.popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
         log.close()
         self._daemons.append((name, proc))
 
@@ -160,36 +183,42 @@ class SlurmCluster:
                 raise RuntimeError(f"{name} exited with {proc.returncode}\n{self.logs()}")
 
     def stop(self) -> None:
-        """Cancel jobs, stop the daemons (newest first) by PID, then end stray job processes of this cluster."""
-        if any(name == "slurmctld" and proc.poll() is None for name, proc in self._daemons):
-            self.command(["scancel", "--full", "--partition=debug"], check=False)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and self.command(["squeue", "-h"], check=False).stdout.strip():
-                time.sleep(0.5)
-        for _, proc in reversed(self._daemons):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        self._daemons.clear()
-        _end_processes_with_env("SLURM_CONF", str(self.conf))
-        shutil.rmtree(self.root, ignore_errors=True)
+        """Cancel jobs, stop the daemons (newest first), then the nodes (with any job process left) and munged."""
+        try:
+            if any(name == "slurmctld" and proc.poll() is None for name, proc in self._daemons):
+                self.command(["scancel", "--full", "--partition=debug"], check=False)
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and self.command(["squeue", "-h"], check=False).stdout.strip():
+                    time.sleep(0.5)
+            for _, proc in reversed(self._daemons):
+                if proc.poll() is None:
+                    kill_group(proc, signal.SIGTERM)
+                    try:
+                        proc.wait(timeout=15)
+                    except subprocess.TimeoutExpired:
+                        kill_group(proc)
+                        proc.wait()
+            self._daemons.clear()
+        finally:
+            if self.hosts is not None:
+                self.hosts.close()  # every process of both nodes, slurmstepd and job tasks included
+            if self._munged is not None and self._munged.poll() is None:
+                self._munged.terminate()
+                self._munged.wait(timeout=15)
 
     # ------------------------------------------------------------ jobs
 
-    def command(self, cmd: Sequence[str], check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-        result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env={**os.environ, **self.env}, timeout=timeout)
+    def command(self, cmd: Sequence[str], check: bool = True, timeout: float = 60) -> Result:
+        """A Slurm client command on the head node."""
+        result = self.head.run([str(c) for c in cmd], env=self.env, timeout=timeout, check=False)
         if check and result.returncode != 0:
             raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({result.returncode}): {result.stderr.strip()}")
         return result
 
     def sbatch(self, script: Path, args: Sequence[str] = (), sbatch_args: Sequence[str] = (), env: Optional[dict] = None) -> str:
-        """Submits SCRIPT; returns the job id. `env` adds variables the job inherits (sbatch exports ALL)."""
+        """Submits SCRIPT from the head node; returns the job id. `env` adds variables the job inherits (sbatch exports ALL)."""
         cmd = ["sbatch", "--parsable", *sbatch_args, str(script), *args]
-        result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {}), **self.env}, timeout=60)
+        result = self.head.run(cmd, env={**(env or {}), **self.env}, timeout=60, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"sbatch failed: {result.stderr.strip()}")
         return result.stdout.strip().split(";")[0]
@@ -215,30 +244,3 @@ class SlurmCluster:
         for path in sorted(self.root.glob("*.log")) + sorted(self.root.glob("*.out")) + sorted(self.root.glob("munge/*.log")):
             parts.append(f"--- {path.name}\n{path.read_text(errors='replace')[-tail:]}")
         return "\n".join(parts)
-
-
-def _resolves(host: str) -> bool:
-    try:
-        socket.gethostbyname(host)
-        return True
-    except OSError:
-        return False
-
-
-def _end_processes_with_env(key: str, value: str) -> None:
-    """Job steps are daemonised by slurmd, so they are not our children; they still carry our SLURM_CONF."""
-    import psutil
-
-    strays = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid != os.getpid() and proc.environ().get(key) == value:
-                strays.append(proc)
-        except (psutil.Error, OSError):
-            continue
-    for proc in strays:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(strays, timeout=10)

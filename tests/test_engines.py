@@ -11,7 +11,6 @@ bit. Ambiguous environments must be refused by every process, in one line, befor
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import torch
 import yaml
 
 from dist_train.distributed.environment import detect_environment
-from tests.engines import pytorchjob_pod, skypilot_node, srun_task, trainjob_pod
+from tests.engines import open_mpi_missing, pytorchjob_pod, skypilot_node, srun_task, trainjob_pod
 from tests.procs import REPO, Result, assert_same_parameters, clean_env, final_model, free_port, kill_group, run
 
 pytestmark = pytest.mark.slow
@@ -72,14 +71,7 @@ def reference(tmp_path_factory) -> dict:
     return final_model(out)
 
 
-def _open_mpi_missing() -> str:
-    if shutil.which("mpirun") is None:
-        return "mpirun is not installed; run tests/install_system_deps.sh as root (Debian's openmpi-bin)"
-    version = subprocess.run(["mpirun", "--version"], capture_output=True, text=True).stdout
-    return "" if "Open MPI" in version else f"mpirun is not Open MPI's: {version.splitlines()[:1]}"
-
-
-@pytest.mark.skipif(bool(_open_mpi_missing()), reason=_open_mpi_missing() or "n/a")
+@pytest.mark.skipif(bool(open_mpi_missing()), reason=open_mpi_missing() or "n/a")
 def test_mpirun_trains_the_main_preset_as_torchrun_does(reference, tmp_path):
     env = {
         "PYTHON": sys.executable,

@@ -1,6 +1,7 @@
-"""The sbatch templates on a real single-machine Slurm cluster (two emulated nodes), started and stopped here.
+"""The sbatch templates on a real Slurm cluster across two emulated hosts (tests/slurm_cluster.py on
+tests/cluster.py: slurmctld and a slurmd on node1, a slurmd on node2), started and stopped here.
 
-One uninterrupted 2-node job (multi-node template) is the reference; a 2-task single-node job gets the
+One uninterrupted 2-node job (multi-node template, a task on each host) is the reference; a 2-task single-node job gets the
 preemption signal mid-run, checkpoints, requeues itself, resumes, and must end with bit-identical parameters. The model is a paced linear
 regression, so the signal lands mid-run however fast the machine is.
 """
@@ -17,15 +18,15 @@ import pytest
 import torch
 
 from tests.procs import REPO, clean_env
-from tests.slurm_cluster import SlurmCluster, missing_binaries
+from tests.slurm_cluster import SlurmCluster, why_not
 from tests.workers.paced_model import TOTAL_STEPS, TRAIN_ARGS
 
 pytestmark = [
     pytest.mark.slurm,
     pytest.mark.slow,
-    pytest.mark.skipif(bool(missing_binaries()), reason=f"Slurm/munge binaries missing ({', '.join(missing_binaries())}); run tests/install_system_deps.sh as root"),
+    pytest.mark.cluster,
+    pytest.mark.skipif(bool(why_not()), reason=why_not() or "n/a"),
 ]
-
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +57,9 @@ def _model(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference_run(cluster, tmp_path_factory):
+def reference_run(cluster):
     """The multi-node template, 2 nodes x 1 task, run to completion without interruption."""
-    root = tmp_path_factory.mktemp("slurm_reference")
+    root = cluster.tmp("slurm_reference")
     out, log = root / "out", root / "job.log"
     job_id = _submit(cluster, "multi_node.sbatch", out, log, ["--nodes=2", "--ntasks-per-node=1"])
     info = cluster.wait_for_state(job_id, ["COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"], timeout=240)
@@ -72,6 +73,7 @@ def test_multi_node_template_runs_with_correct_ranks(reference_run):
     assert info["NodeList"] == "node[1-2]" and info["NumNodes"] == "2"
     # Rank 0 speaks for the job; had both nodes believed they were rank 0, the rendezvous would have failed.
     assert "0: dist_train: launcher=slurm rank=0/2 local_rank=0 node=0/2" in text
+    assert "1: dist_train: launcher=slurm rank=1/2 local_rank=0 node=1/2" in text  # on node2, its own host
     assert f"done: {TOTAL_STEPS} optimizer steps" in text
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["optimizer_steps"] == TOTAL_STEPS
@@ -80,8 +82,9 @@ def test_multi_node_template_runs_with_correct_ranks(reference_run):
     assert re.search(r"rendezvous node1:\d+", text)
 
 
-def test_preempted_job_checkpoints_requeues_resumes_and_matches(cluster, reference_run, tmp_path):
+def test_preempted_job_checkpoints_requeues_resumes_and_matches(cluster, reference_run):
     """The single-node template, 2 tasks: same world size as the reference, so the same arithmetic."""
+    tmp_path = cluster.tmp("preempted")
     out, log = tmp_path / "out", tmp_path / "job.log"
     job_id = _submit(cluster, "single_node.sbatch", out, log, ["--nodes=1", "--ntasks-per-node=2"])
 
@@ -116,12 +119,13 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches(cluster, referen
         assert torch.equal(reference[key], resumed[key]), key
 
 
-def test_batch_script_training_is_refused_and_an_srun_step_uses_its_own_counts(cluster, tmp_path):
+def test_batch_script_training_is_refused_and_an_srun_step_uses_its_own_counts(cluster):
     """A 2-task allocation. Training started by the batch script itself would be one process of a job that asked
     for two: refused in one line, nothing written. `srun --ntasks 1` inside it is a 1-process step although the
     job's SLURM_NTASKS_PER_NODE still says 2 (the step's SLURM_STEP_* counts decide)."""
     # A short collective timeout: a batch script wrongly taken for rank 0 of 2 would wait for a rank 1 that never comes.
     short = ["configs/linear_regression.yaml", "train.max_steps=2", "train.progress_bar=false", "strategy.timeout_seconds=30"]
+    tmp_path = cluster.tmp("batch")
     script, log = tmp_path / "job.sh", tmp_path / "job.log"
     script.write_text(
         "#!/bin/bash\n"

@@ -7,6 +7,10 @@ Layout of OUTPUT_DIR:
   logs/, metrics.jsonl, curves.png   its console and per-rank logs, metrics history and picture (runlog.py)
   previous/<run_id>-<time>/   outputs of an earlier run moved aside by train.start_over=true
 
+Before any of it is written, every rank checks that it sees the output_dir rank 0 sees (`check_shared`):
+on several machines it must be on a filesystem they all share, or the first checkpoint would fail on the
+ranks whose node has its own directory of that name, after the training was done.
+
 A fresh start (no train.resume) into a directory that holds another run's outputs is refused with one line
 saying what to do; `train.start_over=true` moves them into previous/ (never deletes them). `resume=auto`
 continues the run that run.json names. A restart of the job (torchrun restart, Slurm requeue) always
@@ -84,6 +88,7 @@ class RunDirectory:
     def open(cls, cfg: Config, groups: ProcessGroups) -> "RunDirectory":
         dist_env = groups.dist_env
         path = Path(cfg.output_dir)
+        check_shared(path, groups)
         lock_fd = None
         decision: Any
         if dist_env.is_main:
@@ -107,6 +112,64 @@ class RunDirectory:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
+
+
+# ---------------------------------------------------------------- one directory for every node
+
+SHARED_CHECK_PREFIX = ".dist_train-shared-check-"
+
+
+def check_shared(path: Path, groups: ProcessGroups) -> None:
+    """Collective: rank 0 writes a token file into OUTPUT_DIR, every rank reads it back; a rank that cannot is
+    on a machine with another directory of that name (a node-local disk, its own /tmp): every rank raises the
+    same ConfigError naming those machines. The token is removed again; nothing else is written."""
+    dist_env = groups.dist_env
+    if not dist_env.distributed:
+        return
+    failure: Optional[BaseException] = None
+    written: Optional[tuple[str, str]] = None
+    if dist_env.is_main:
+        token = uuid.uuid4().hex
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / f"{SHARED_CHECK_PREFIX}{token}").write_text(token)
+            written = (token, socket.gethostname())
+        except OSError as e:  # said by rank 0 (a storage error); the others only learn that it failed
+            failure = e
+    written = groups.broadcast_from_main(written)
+    if written is None:
+        if failure is not None:
+            raise failure
+        raise ConfigError(f"output_dir={path}: rank 0 could not write there")
+    token, main_host = written
+    seen = _sees_token(path / f"{SHARED_CHECK_PREFIX}{token}", token)
+    views = groups.gather_from_all((socket.gethostname(), seen))
+    if dist_env.is_main:
+        (path / f"{SHARED_CHECK_PREFIX}{token}").unlink(missing_ok=True)
+    blind: dict[str, list[int]] = {}
+    for rank, (host, ok) in enumerate(views):
+        if not ok:
+            blind.setdefault(host, []).append(rank)
+    if blind:
+        who = ", ".join(f"{host} (rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})" for host, ranks in blind.items())
+        raise ConfigError(
+            f"output_dir={path} is not the same directory on every node: {who} cannot see what rank 0 wrote there on "
+            f"{main_host}; output_dir must be on a filesystem every node shares (NFS, Lustre, ...), not a node's own disk or /tmp"
+        )
+
+
+def _sees_token(file: Path, token: str, wait_seconds: float = 2.0) -> bool:
+    """Read back the token, allowing a network filesystem a moment to show another client's new file."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            if file.read_text() == token:
+                return True
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
 
 
 # ---------------------------------------------------------------- the lock

@@ -29,19 +29,29 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from ..config import BatchArithmetic
+from ..distributed.environment import DistEnv
 from .remote import ShardCache, file_lock, open_shard, sha_mismatch
 from .shards import DataError, Manifest, bad_sample_reasons, close_shard_stream
 
 
 def node_scratch(cache_dir: Optional[str], room_needed: int) -> Path:
-    """Where a node's decoded shards live: data.cache_dir if set, else shared memory if it has `room_needed`
-    bytes free (containers often mount a 64 MB /dev/shm), else the temp folder."""
+    """Where this rank would keep its node's decoded shards: data.cache_dir if set, else shared memory if it has
+    `room_needed` bytes free (containers often mount a 64 MB /dev/shm), else the temp folder. The node uses its
+    first rank's answer (streaming.job_token_and_scratch), so the node's ranks cannot disagree."""
     if cache_dir:
         return Path(cache_dir) / "decoded"
     shm = Path("/dev/shm")
     if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= room_needed:
         return shm
     return Path(tempfile.gettempdir())
+
+
+def node_ranks(dist_env: DistEnv) -> tuple[int, ...]:
+    """Ranks sharing this node's decoded shards: launchers number a node's ranks contiguously."""
+    first = dist_env.global_rank - dist_env.local_rank
+    if first != dist_env.node_rank * dist_env.local_world_size or first + dist_env.local_world_size > dist_env.world_size:
+        return (dist_env.global_rank,)  # numbered otherwise (srun --distribution=cyclic): this rank keeps its own store
+    return tuple(range(first, first + dist_env.local_world_size))
 
 
 def decoded_shard_bytes(manifest: Manifest) -> int:

@@ -16,11 +16,11 @@ import io
 import logging
 import os
 import urllib.request
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Optional
+from typing import BinaryIO, Optional
 
+from ..files import file_lock
 from .shards import DataError, ShardEntry, open_failure
 
 log = logging.getLogger(__name__)
@@ -30,17 +30,6 @@ HTTP_TIMEOUT_SECONDS = 60.0
 
 def is_remote(url: str) -> bool:
     return url.startswith(("http://", "https://", "pipe:"))
-
-
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock: shared by the processes of one node, released by the kernel if the holder dies."""
-    with open(path, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 class CountingReader(io.RawIOBase):

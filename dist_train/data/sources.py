@@ -7,9 +7,10 @@ input shape batch by batch. Regression sources hold float features and targets.
 from __future__ import annotations
 
 import pickle
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -87,6 +88,22 @@ def random_tensors(cfg: DataConfig, spec: ModelSpec) -> SourceData:
 # ---------------------------------------------------------------- torchvision formats on disk
 
 
+@contextmanager
+def one_download_at_a_time(root: Path, download: bool) -> Iterator[None]:
+    """With data.download, every rank of every node downloads into data.path at once: concurrent writers of one
+    archive corrupt it, or one rank reads a half-written file. Under an flock on ROOT/.download.lock the first
+    process downloads and the others then find torchvision's integrity check satisfied: one download per data
+    root, so one per node where data.path is node-local and one in all where it is shared."""
+    if not download:
+        yield
+        return
+    from ..files import file_lock
+
+    root.mkdir(parents=True, exist_ok=True)
+    with file_lock(root / ".download.lock"):
+        yield
+
+
 def _require_root(cfg: DataConfig, source: str) -> Path:
     if not cfg.path:
         raise ConfigError(f"data.source={source} reads from disk; set data.path to the dataset root (add data.download=true to fetch it)")
@@ -100,8 +117,9 @@ def _torchvision_mnist_like(cls_name: str) -> Callable[[DataConfig, ModelSpec], 
         root = _require_root(cfg, cls_name.lower())
         cls = getattr(torchvision.datasets, cls_name)
         try:
-            train = cls(root=str(root), train=True, download=cfg.download)
-            test = cls(root=str(root), train=False, download=cfg.download)
+            with one_download_at_a_time(root, cfg.download):
+                train = cls(root=str(root), train=True, download=cfg.download)
+                test = cls(root=str(root), train=False, download=cfg.download)
         except RuntimeError as e:
             raise ConfigError(
                 f"data.path={root}: {cls_name} not found; put its four raw idx files (train-images-idx3-ubyte, "
@@ -126,7 +144,8 @@ def cifar10(cfg: DataConfig, spec: ModelSpec) -> SourceData:
     if not folder.is_dir() and cfg.download:
         import torchvision
 
-        torchvision.datasets.CIFAR10(root=str(root), train=True, download=True)
+        with one_download_at_a_time(root, True):
+            torchvision.datasets.CIFAR10(root=str(root), train=True, download=True)
     if not folder.is_dir():
         raise ConfigError(
             f"data.path={root}: no cifar-10-batches-py folder; put the extracted CIFAR-10 python batches there "

@@ -43,6 +43,7 @@ from .remote import ShardCache, open_shard
 from .shards import MANIFEST, DataError, Manifest, Record, bad_sample_reasons, close_shard_stream
 from .sources import SourceData, Split, check_compatible
 from .transforms import adapt_images
+from .node_store import node_ranks
 
 log = logging.getLogger(__name__)
 
@@ -406,12 +407,7 @@ class StreamingTrainLoader(MapStyleTrainLoader):
             yield [(inputs, targets) for inputs, targets, _ in step]
 
     def node_ranks(self) -> tuple[int, ...]:
-        """Ranks sharing this node's decoded shards: launchers number a node's ranks contiguously."""
-        env = self.dist_env
-        first = env.global_rank - env.local_rank
-        if first != env.node_rank * env.local_world_size or first + env.local_world_size > env.world_size:
-            return (env.global_rank,)  # numbered otherwise (srun --distribution=cyclic): this rank keeps its own store
-        return tuple(range(first, first + env.local_world_size))
+        return node_ranks(self.dist_env)
 
     def micro_batches_per_bundle(self) -> int:
         """Up to BUNDLE_BYTES of model inputs, at most MAX_BUNDLE micro-batches."""
@@ -585,17 +581,22 @@ class StreamingEvalLoader:
 # ---------------------------------------------------------------- assembly
 
 
-def job_token(dist_env: DistEnv) -> str:
-    """A name every rank of this job agrees on (and no other job uses) for the node's shared pass folders."""
+def job_token_and_scratch(dist_env: DistEnv, own_scratch: Path) -> tuple[str, Path]:
+    """A name every rank of this job agrees on (and no other job uses) for the node's shared pass folders, and
+    the node's scratch folder: the choice of the node's first rank, whatever this rank would choose.
+
+    Ranks that choose by themselves (free room in /dev/shm, their TMPDIR) can split one node's store in two:
+    each half reads and decodes every record, and neither is ever deleted, since each waits for consumers
+    that use the other."""
     if dist_env.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        token = [uuid.uuid4().hex[:16]]
-        torch.distributed.broadcast_object_list(token, src=0)
-        return token[0]
+        views: list = [None] * dist_env.world_size
+        torch.distributed.all_gather_object(views, (uuid.uuid4().hex[:16], str(own_scratch)))
+        return views[0][0], Path(views[node_ranks(dist_env)[0]][1])
     if dist_env.world_size > 1:
         # Ranks without a process group (tests of the loader alone): the rendezvous names the job, and the
         # loaders are told apart by the order the ranks build them in (each rank runs the same program).
-        return f"{dist_env.master_addr}-{dist_env.master_port}-{next(_LOADERS_BUILT)}".replace("/", "_")
-    return uuid.uuid4().hex[:16]
+        return f"{dist_env.master_addr}-{dist_env.master_port}-{next(_LOADERS_BUILT)}".replace("/", "_"), own_scratch
+    return uuid.uuid4().hex[:16], own_scratch
 
 
 _LOADERS_BUILT = itertools.count()
@@ -612,10 +613,10 @@ def build_streaming(cfg: Config, spec: ModelSpec, arithmetic: BatchArithmetic, d
     for source in (train, test):
         check_fits(source, spec)
     order = StreamOrder(tuple(s.count for s in train.manifest.shards), cfg.train.seed, cfg.data.shuffle, cfg.data.shuffle_window)
+    # Room for a few decoded shards: the store holds those between the node's slowest and fastest consumer.
+    token, scratch = job_token_and_scratch(dist_env, node_scratch(cfg.data.cache_dir, 4 * decoded_shard_bytes(train.manifest)))
     train_loader = StreamingTrainLoader(
-        train, order, arithmetic, dist_env, cfg.data.num_workers, spec.input_shape, cfg.data.skip_bad_samples,
-        # Room for a few decoded shards: the store holds those between the node's slowest and fastest consumer.
-        node_scratch(cfg.data.cache_dir, 4 * decoded_shard_bytes(train.manifest)), job_token(dist_env), control_group,
+        train, order, arithmetic, dist_env, cfg.data.num_workers, spec.input_shape, cfg.data.skip_bad_samples, scratch, token, control_group,
     )
     eval_loader = StreamingEvalLoader(test, max(arithmetic.micro_batch_size, 256), dist_env, spec.input_shape, cfg.data.skip_bad_samples)
     notes = (describe_plan(foreign, spec),) if foreign else ()

@@ -34,6 +34,10 @@ class LaunchError(RuntimeError):
     """The launch environment is inconsistent; the message says what to change in the launch command."""
 
 
+class MachineError(LaunchError):
+    """One machine's own setup is wrong (its name, its network): the processes there say so, not rank 0."""
+
+
 @dataclass(frozen=True)
 class DistEnv:
     global_rank: int = 0

@@ -3,7 +3,9 @@
 Nothing else in dist_train creates or destroys a process group. `ProcessGroups.start` runs once per run on
 every rank, before anything collective happens, and does, in this order:
 
-  1. binds the device the launch facts chose (`torch.cuda.set_device`);
+  1. binds the device the launch facts chose (`torch.cuda.set_device`), and, where this machine's hostname
+     resolves to a loopback address while the job spans machines, tells gloo which interface to use
+     (network.py; `notes` says so);
   2. joins the default group, whose backend is decided in one place (`choose_backend`): NCCL bound to the
      device (`device_id`) on CUDA, `cuda:nccl,cpu:gloo` where CPU tensors go through it (FSDP2's CPU
      offload), gloo on CPU. One process gets a group only when its backend needs one alone (FSDP2, DeepSpeed);
@@ -80,6 +82,7 @@ class ProcessGroups:
         owns_default: bool,
         control: Any = None,
         checkpoint: Any = None,
+        notes: tuple[str, ...] = (),
     ) -> None:
         self.dist_env = dist_env
         self.backend = backend
@@ -87,6 +90,7 @@ class ProcessGroups:
         self._owns_default = owns_default
         self.control = control  # gloo; None at world size 1 (an agreement of one needs no collective)
         self.checkpoint = checkpoint  # gloo; None unless an asynchronous DCP save needs it
+        self.notes = notes  # what start decided about this machine, for its first process to print
 
     @classmethod
     def start(cls, dist_env: DistEnv, needs: GroupNeeds = GroupNeeds(), timeout_seconds: float = 1800.0) -> "ProcessGroups":
@@ -97,7 +101,9 @@ class ProcessGroups:
         backend = choose_backend(dist_env, needs)
         wanted = dist_env.distributed or needs.alone
         owns_default = False
+        notes: tuple[str, ...] = ()
         if wanted and not dist.is_initialized():
+            notes = _choose_gloo_interface(dist_env)
             _init_default_group(dist_env, backend, timeout_seconds)
             owns_default = True
         active = dist.is_available() and dist.is_initialized()
@@ -107,7 +113,7 @@ class ProcessGroups:
         # Side groups in a fixed order on every rank: new_group is collective over the default group.
         control = dist.new_group(backend="gloo", timeout=timeout) if active and dist_env.distributed else None
         checkpoint = dist.new_group(backend="gloo", timeout=timeout) if active and needs.background_checkpoint else None
-        return cls(dist_env, backend, active, owns_default, control, checkpoint)
+        return cls(dist_env, backend, active, owns_default, control, checkpoint, notes)
 
     @property
     def device(self) -> torch.device:
@@ -122,6 +128,16 @@ class ProcessGroups:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def gather_from_all(self, obj: object) -> list:
+        """Every rank's `obj`, in rank order, on every rank (over the control group: no device involved)."""
+        if not (self.active and self.dist_env.distributed):
+            return [obj]
+        import torch.distributed as dist
+
+        gathered: list = [None] * self.dist_env.world_size
+        dist.all_gather_object(gathered, obj, group=self.control)
+        return gathered
 
     def rendezvous_store(self, timeout_seconds: float) -> Any:
         """A connection of its own to the default group's key-value store (the watchdog's heartbeats), or None.
@@ -153,6 +169,19 @@ class ProcessGroups:
                     dist.destroy_process_group(group)
         self.control = self.checkpoint = None
         self.active = False
+
+
+def _choose_gloo_interface(dist_env: DistEnv) -> tuple[str, ...]:
+    """Every gloo group made from here on (ours, DeepSpeed's, DCP's) reads GLOO_SOCKET_IFNAME when it is made."""
+    import os
+
+    from .network import GLOO_SOCKET_IFNAME, choose_gloo_interface
+
+    choice = choose_gloo_interface(dist_env, os.environ)
+    if choice is None:
+        return ()
+    os.environ[GLOO_SOCKET_IFNAME] = choice[0]
+    return (choice[1],)
 
 
 def _init_default_group(dist_env: DistEnv, backend: str, timeout_seconds: float) -> None:

@@ -2,6 +2,7 @@
 run's outputs under OUT/<strategy>-straight and OUT/<strategy>-resumed (model.pt, checkpoints).
 
 usage: strategy_scenarios.py OUT PRESET STOP_STEP STRATEGY[,STRATEGY...] [overrides ...]
+STOP_STEP "none": the straight runs only.
 One launch serves every strategy (process start-up and rendezvous dominate these short runs).
 """
 
@@ -37,6 +38,8 @@ def main() -> None:
         for name in strategies.split(","):
             common = [*overrides, f"strategy.name={name}", "train.progress_bar=false"]
             run(preset, [*common, f"output_dir={out}/{name}-straight"], groups)
+            if stop_step == "none":
+                continue
             resumed = [*common, f"output_dir={out}/{name}-resumed", "train.resume=auto"]
             run(preset, [*resumed, f"train.stop_at_step={stop_step}"], groups)
             run(preset, resumed, groups)
