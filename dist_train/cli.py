@@ -3,6 +3,7 @@
   dist-train train CONFIG [section.key=value ...]       train (plain, torchrun, accelerate, srun, mpirun, Kubeflow, SkyPilot)
   dist-train eval checkpoint=PATH [CONFIG] [overrides]  evaluate a checkpoint, model.pt or exported file
   dist-train export CHECKPOINT --out model.pt           plain state_dict for the tutorial model
+  dist-train verify-resume CHECKPOINT --nproc-per-node N [--strategy S]   prove a resume there (verify_resume.py)
   dist-train data prepare --source NAME --out DIR       write webdataset shards + manifest
   dist-train data index SHARDS --out DIR               index webdataset shards dist_train did not write (tars untouched)
   dist-train data inspect DIR                           summarise a manifest, verify checksums
@@ -65,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the optimizer state's lr is the run's optim.lr (its peak), not the schedule's last value, since the tutorial's loop continues at a constant LR",
     )
 
+    from .verify_resume import add_parser as add_verify_resume
+
+    add_verify_resume(sub)
+
     data = sub.add_parser("data", help="prepare and inspect webdataset shards")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     prepare = data_sub.add_parser("prepare", help="write a data source as webdataset shards with a manifest")
@@ -104,7 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # `verify-resume CHECKPOINT --nproc-per-node 2 key=value`: argparse ends a nargs='*' positional at the first option.
+        if getattr(args, "overrides", None) is None or any("=" not in u or u.startswith("-") for u in unknown):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = [*args.overrides, *unknown]
     # The console script does not put the current directory on sys.path (python -m does): a model given as
     # model.name=mymodels:Net next to the user's config must import the same way under both.
     if "" not in sys.path and "." not in sys.path:
@@ -194,6 +205,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .export import export_checkpoint
 
         return export_checkpoint(args.checkpoint, args.out, args.tutorial_dict)
+    if args.command == "verify-resume":
+        from .verify_resume import verify_resume_command
+
+        return verify_resume_command(args)
     if args.command == "data":
         from .data import index, shards
 

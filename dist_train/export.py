@@ -1,4 +1,4 @@
-"""`dist-train export`: a checkpoint (DCP or DeepSpeed) -> the tutorial's plain files.
+"""`dist-train export`: a checkpoint (DCP or DeepSpeed, fp32 master weights) -> the tutorial's plain files.
 
   OUT                 model.state_dict() with the tutorial's keys: `model.load_state_dict(torch.load(OUT))`
   --tutorial-dict P   the tutorial's general checkpoint: {epoch, model_state_dict, optimizer_state_dict, loss},
@@ -15,6 +15,8 @@ nothing but tensors and plain values (see checkpoint.py).
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 from typing import Optional
 
@@ -66,25 +68,37 @@ def tutorial_dict(path: Path, meta: dict, model_state: dict, optimizer_state: Op
         optimizer_state = {**optimizer_state, "param_groups": groups}
         said += f", optimizer_state_dict ({TUTORIAL_LR_NOTE}: lr {peak})"
     else:
-        said += ", optimizer_state_dict None (DeepSpeed's partitioned optimizer state is not consolidated)"
+        said += ", optimizer_state_dict None (the checkpoint holds no optimizer state)"
     tutorial = {"epoch": meta.get("epoch"), "model_state_dict": model_state, "optimizer_state_dict": optimizer_state, "loss": loss}
     return tutorial, said
 
 
 def load_full_checkpoint(path: Path, meta: dict) -> tuple[dict, Optional[dict]]:
     """(model state_dict, optimizer state_dict in torch.optim's id-keyed layout or None)."""
-    if meta.get("strategy") == "deepspeed":
-        from .strategies.deepspeed import consolidated_state_dict  # noqa: PLC0415 (optional backend)
+    state = load_full_state(path, meta)
+    optimizer = state.get("optimizer")
+    return dict(state["model"]), (optimizer_by_ids(optimizer) if optimizer else None)
 
-        # DeepSpeed's consolidation yields the fp32 weights only; its optimizer partitions stay behind.
-        return consolidated_state_dict(path), None
+
+def load_full_state(path: Path, meta: dict, use_view: bool = True) -> dict:
+    """The whole checkpoint in this process, by parameter name: {model, optimizer: {state, param_groups},
+    scheduler, ...}. A DeepSpeed checkpoint is read from its converted view when it has one (and `use_view`),
+    else its ZeRO partitions are put together in memory (strategies/zero_bridge.py; nothing is written)."""
+    from .strategies.base import written_format
     from .strategies.dcp import load_dcp_full
 
+    if written_format(meta) == "deepspeed":
+        from .strategies import zero_bridge  # noqa: PLC0415 (its files need DeepSpeed, an optional backend)
+
+        view = zero_bridge.current_view(path) if use_view else None
+        if view is not None:
+            return load_dcp_full(view)
+        with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's unpickling prints its accelerator
+            return zero_bridge.consolidate(path)
     state = load_dcp_full(path)
     if "model" not in state:
         raise CheckpointError(f"checkpoint {path} holds no model state (keys: {sorted(state)}); not a dist_train DCP checkpoint")
-    optimizer = state.get("optimizer")
-    return dict(state["model"]), (optimizer_by_ids(optimizer) if optimizer else None)
+    return state
 
 
 def optimizer_by_ids(state: dict) -> dict:

@@ -62,8 +62,8 @@ RESUME_SEMANTICS: dict[str, tuple[str, str]] = {
     "train.seed": (REFUSED, "the data order of every epoch is a function of the seed"),
     "train": (APPLIED, ""),  # eval/log intervals, resume, start_over, stop_at_step, progress bar, deterministic, signal
     "checkpoint": (APPLIED, ""),
-    "strategy.name": (APPLIED, "DDP and FSDP2 checkpoints are both DCP and load into each other; DeepSpeed's are refused by name"),
-    "strategy.deepspeed.zero_stage": (REFUSED, "the checkpoint holds partitions of this ZeRO stage"),
+    "strategy.name": (APPLIED, "model and optimizer state are loaded by parameter name: DDP and FSDP2 read each other's DCP files, a DeepSpeed checkpoint is converted once into DCP beside it (strategies/zero_bridge.py)"),
+    "strategy.deepspeed.zero_stage": (APPLIED, "a checkpoint of another stage (or world size) is loaded by parameter name through its DCP view"),
     "strategy": (APPLIED, ""),
     "tracking": (APPLIED, ""),
     "output_dir": (APPLIED, ""),

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import BatchArithmetic, Config, ConfigError, StrategyConfig, TrainConfig
 from ..distributed.groups import GroupNeeds, ProcessGroups
+from ..errors import CheckpointError
 
 
 @dataclass
@@ -204,6 +205,12 @@ class Strategy(ABC):
         """Collective: restores model, optimizer, scheduler and scaler; `meta` is the checkpoint's meta.json.
         Raises CheckpointError naming what to change when the checkpoint cannot load here."""
 
+    def full_training_state(self) -> tuple[dict, dict]:
+        """Collective: (model state_dict with fp32 weights, optimizer state by parameter name {state, param_groups,
+        scheduler}) as this process holds them now, complete on the main process (verify-resume compares them
+        with a checkpoint's)."""
+        raise NotImplementedError(f"strategy.name={self.name} cannot report its training state")
+
     @abstractmethod
     def full_model_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: the complete model state_dict on CPU (tutorial keys) on the main process; other ranks
@@ -211,3 +218,18 @@ class Strategy(ABC):
 
     def teardown(self) -> None:
         """Release backend resources (the process group is destroyed by the caller)."""
+
+
+def written_format(meta: dict) -> str:
+    """The checkpoint format a meta.json records ("dcp" or "deepspeed"; older checkpoints only name the strategy)."""
+    return meta.get("format", "deepspeed" if meta.get("strategy") == "deepspeed" else "dcp")
+
+
+def require_dcp_files(directory: Path, meta: dict) -> Path:
+    """`directory`, which its meta.json says holds DCP files; CheckpointError if they are not there."""
+    if not (Path(directory) / ".metadata").is_file():
+        raise CheckpointError(
+            f"checkpoint {directory} has no DCP files (.metadata) although strategy.name={meta.get('strategy')} wrote it; it is "
+            "damaged: resume from an earlier step-N directory"
+        )
+    return Path(directory)

@@ -29,6 +29,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import CheckpointError
+from .base import require_dcp_files, written_format
 
 
 class DCPCheckpointing:
@@ -110,16 +111,11 @@ class DCPCheckpointing:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         self.finish_staging()
-
-        if not (Path(directory) / ".metadata").is_file():
-            raise CheckpointError(
-                f"checkpoint {directory} has no DCP files (strategy.name={meta.get('strategy')} wrote it); "
-                f"resume it with strategy.name={meta.get('strategy')}, or `dist-train export` it and start from the weights"
-            )
+        source = self._dcp_source(directory, meta)
         state = self._dcp_state()
-        check_model_fits(directory, state["model"])
+        check_model_fits(source, state["model"])
         try:
-            dcp.load(state, storage_reader=_safe_reader(directory), planner=_safe_planner())
+            dcp.load(state, storage_reader=_safe_reader(source), planner=_safe_planner())
         except CheckpointError:
             raise
         except _dcp_failures() as e:  # DCP raises a CheckpointException (a BaseException) wrapping per-rank tracebacks
@@ -128,6 +124,26 @@ class DCPCheckpointing:
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
+
+    def _dcp_source(self, directory: Path, meta: dict) -> Path:
+        """Where the DCP files of a checkpoint are: its own directory, or for a DeepSpeed checkpoint the view
+        of it by parameter name, converted once (strategies/zero_bridge.py)."""
+        if written_format(meta) != "deepspeed":
+            return require_dcp_files(directory, meta)
+        from .zero_bridge import dcp_view, refuse_loss_scale_crossing
+
+        refuse_loss_scale_crossing(directory, meta, self.train.precision)
+        return dcp_view(directory, self.groups)
+
+    def full_training_state(self) -> tuple[dict, dict]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        self.finish_staging()
+        # Collective for sharded (FSDP2) state; with cpu_offload only the main process keeps the result.
+        model, optimizer = get_state_dict(self.unwrapped_model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.dist_env.is_main:
+            optimizer = {**optimizer, "scheduler": self.scheduler.state_dict()}
+        return model, optimizer
 
     def teardown(self) -> None:
         self.close_staging()

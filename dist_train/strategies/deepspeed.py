@@ -6,7 +6,9 @@ dist_train made and is told the device dist_train chose (distributed/groups.py).
 clipping and the LR schedule's stepping are DeepSpeed's: `engine.backward` divides the loss by the
 accumulation steps and `engine.step` after every micro-batch advances its micro-step counter, updating
 the weights only at the boundary. Checkpoints are DeepSpeed's own sharded files inside the step directory
-the Checkpointer hands out, plus dist_train's side state (progress, data position, RNG).
+the Checkpointer hands out, plus dist_train's side state (progress, data position, RNG). DeepSpeed's loader
+reads them back on the same world size, ZeRO stage and precision; any other checkpoint (another world size,
+stage or precision, or a DDP/FSDP2 one) is loaded by parameter name through strategies/zero_bridge.py.
 """
 
 from __future__ import annotations
@@ -28,10 +30,9 @@ from ..config import BatchArithmetic, Config, ConfigError, upgrade_saved_config
 from ..config.deepspeed_json import build_deepspeed_config, load_user_config
 from ..distributed.groups import GroupNeeds, ProcessGroups, deepspeed_environment
 from ..errors import CheckpointError
-from .base import StepResult, Strategy, autocast_dtype, check_precision_supported
-
-# DeepSpeed's files live in <step dir>/zero/ (its "tag"); one fixed tag so export and resume need no `latest` file.
-CHECKPOINT_TAG = "zero"
+from . import zero_bridge
+from .base import StepResult, Strategy, autocast_dtype, check_precision_supported, require_dcp_files, written_format
+from .zero_bridge import ZERO_TAG as CHECKPOINT_TAG, refuse_loss_scale_crossing
 
 
 # ---------------------------------------------------------------- the strategy
@@ -171,29 +172,57 @@ class DeepSpeedStrategy(Strategy):
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG)  # always synchronous (see checkpoint.async_save)
 
     def load_checkpoint(self, directory: Path, meta: dict) -> None:
+        if written_format(meta) == self.checkpoint_format and self._same_partitioning(meta):
+            self._load_own_partitions(directory)
+            return
+        # Another world size, ZeRO stage or precision, or another strategy's checkpoint: by parameter name.
+        refuse_loss_scale_crossing(directory, meta, self.train.precision)
+        if written_format(meta) == self.checkpoint_format:
+            source = zero_bridge.dcp_view(directory, self.groups)
+        else:
+            source = require_dcp_files(directory, meta)
+        from .dcp import load_dcp_full
+
+        state = load_dcp_full(source)
+        zero_bridge.load_into_engine(self.engine, state, str(directory))
+        self._load_schedule_and_counters(state, meta, directory)
+
+    def _same_partitioning(self, meta: dict) -> bool:
+        """DeepSpeed's own loader reads only the partitions of the same world size, ZeRO stage and precision
+        (bf16 renames the files and changes what the module holds)."""
+        then = upgrade_saved_config(meta.get("config", {}))
+        return (
+            meta.get("world_size") == self.dist_env.world_size
+            and then.get("strategy", {}).get("deepspeed", {}).get("zero_stage") == self.settings.deepspeed.zero_stage
+            and then.get("train", {}).get("precision", "fp32") == self.train.precision
+        )
+
+    def _load_own_partitions(self, directory: Path) -> None:
         refuse_code_in_pickles(sorted((Path(directory) / CHECKPOINT_TAG).glob("*.pt")))  # DeepSpeed unpickles with weights_only=False
-        if meta.get("format", "deepspeed" if meta.get("strategy") == "deepspeed" else "dcp") != self.checkpoint_format:
-            raise CheckpointError(
-                f"checkpoint {directory} was written by strategy.name={meta.get('strategy')} (DCP), which DeepSpeed cannot load; "
-                f"resume it with strategy.name={meta.get('strategy')}, or `dist-train export` it and start from the weights (model.weights=...)"
-            )
-        then_config = upgrade_saved_config(meta.get("config", {}))
-        then_world, then_stage = meta.get("world_size"), then_config.get("strategy", {}).get("deepspeed", {}).get("zero_stage")
-        now_stage = self.settings.deepspeed.zero_stage
-        if then_stage != now_stage:
-            raise CheckpointError(
-                f"checkpoint {directory} was written with strategy.deepspeed.zero_stage={then_stage}, this run has "
-                f"strategy.deepspeed.zero_stage={now_stage}; set strategy.deepspeed.zero_stage={then_stage}"
-            )
-        if then_world != self.dist_env.world_size:
-            raise CheckpointError(
-                f"checkpoint {directory} holds ZeRO partitions of {then_world} processes and this run has "
-                f"{self.dist_env.world_size}; resume with {then_world} processes, or `dist-train export` it and "
-                "start from the weights (model.weights=...)"
-            )
         load_path, _ = self.engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
         if load_path is None:
             raise CheckpointError(f"checkpoint {directory} has no DeepSpeed files under {CHECKPOINT_TAG}/; it was not written by strategy.name=deepspeed")
+
+    def _load_schedule_and_counters(self, state: dict, meta: dict, directory: Path) -> None:
+        saved, scheduler = state.get("scheduler") or {}, self.engine.lr_scheduler
+        if scheduler is not None and saved:
+            if set(saved) != set(scheduler.state_dict()):
+                raise CheckpointError(
+                    f"checkpoint {directory} holds an LR schedule of another kind than this run's {type(scheduler).__name__} "
+                    f"(state keys {sorted(saved)}); remove the \"scheduler\" section of strategy.deepspeed.config, or add the one it was trained with"
+                )
+            scheduler.load_state_dict(saved)
+        counters = state.get("deepspeed") or {}
+        step = int(meta["step"])
+        self.engine.global_steps = int(counters.get("global_steps") or step)
+        self.engine.global_samples = int(counters.get("global_samples") or step * self.arithmetic.global_batch_size)
+        self.engine.skipped_steps = int(counters.get("skipped_steps") or 0)
+
+    def full_training_state(self) -> tuple[dict, dict]:
+        model, optimizer = zero_bridge.engine_state(self.engine, keep=self.dist_env.is_main)
+        if self.dist_env.is_main and self.engine.lr_scheduler is not None:
+            optimizer["scheduler"] = self.engine.lr_scheduler.state_dict()
+        return model, optimizer
 
     def full_model_state_dict(self) -> dict[str, torch.Tensor]:
         module = self.engine.module
@@ -232,21 +261,3 @@ def _cast_floating_inputs(dtype: torch.dtype) -> Any:
         return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
     return hook
-
-
-# ---------------------------------------------------------------- export
-
-
-def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The plain fp32 state_dict (tutorial keys) of a dist_train step directory written under any ZeRO stage,
-    by DeepSpeed's own consolidation; no process group needed."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    checkpoint_dir = Path(checkpoint_dir)
-    if not (checkpoint_dir / CHECKPOINT_TAG).is_dir():
-        raise CheckpointError(f"{checkpoint_dir} has no DeepSpeed files under {CHECKPOINT_TAG}/; not a strategy.name=deepspeed checkpoint")
-    refuse_code_in_pickles(sorted((checkpoint_dir / CHECKPOINT_TAG).glob("*.pt")))  # zero_to_fp32 unpickles with weights_only=False
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=CHECKPOINT_TAG)
-    # Clone: the consolidated tensors are views into one flat buffer, which torch.save would write whole.
-    # Buffers keep the dtype they were trained in (bf16 under train.precision=bf16); the tutorial's are fp32.
-    return {k: (v.float() if v.is_floating_point() else v).clone() for k, v in state.items()}
